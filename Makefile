@@ -1,0 +1,36 @@
+# Set-up and the two entry points of the README. `make demo` / `make test` work on a fresh
+# machine: they create .venv, install torch (the CPU wheel torch==2.13.0 where no NVIDIA GPU is
+# visible; an existing CUDA build is kept otherwise) and grass_llm with its extras.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.grass-llm-installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch; \
+	else \
+	  $(PY) -m pip install --quiet "torch==2.13.0"; \
+	fi
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# The main job. Until the SmolLM2 demo lands this runs the compression example on real
+# per-example gradients of a small model (see README).
+demo: setup
+	$(VENV)/bin/grass-llm example
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) tools/bench_compress.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,30 @@
+"""Gradient compression: GraSS, FactGraSS and the baselines of the GraSS paper.
+
+Pure math: no models and no I/O. Every compressor is a linear map with an exact
+``dense_matrix()`` equivalent, built deterministically from an integer seed.
+"""
+
+from grass_llm.compress._hash import derive_seed
+from grass_llm.compress.base import Compressor, FactorizedCompressor, VectorCompressor
+from grass_llm.compress.dense import FJLT, Gaussian, Rademacher
+from grass_llm.compress.factorized import FactGraSS, LoGra
+from grass_llm.compress.identity import Identity
+from grass_llm.compress.registry import (
+    available_compressors,
+    build_compressor,
+    parse_spec,
+    register_compressor,
+)
+from grass_llm.compress.selective import SelectiveMask
+from grass_llm.compress.sparse import SJLT, GraSS, RandomMask
+
+for _cls in (RandomMask, SJLT, GraSS, Gaussian, Rademacher, FJLT, SelectiveMask, Identity,
+             FactGraSS, LoGra):
+    register_compressor(_cls)
+
+__all__ = [
+    "Compressor", "VectorCompressor", "FactorizedCompressor", "RandomMask", "SJLT", "GraSS",
+    "Gaussian", "Rademacher", "FJLT", "SelectiveMask", "Identity", "FactGraSS", "LoGra",
+    "build_compressor", "parse_spec", "register_compressor", "available_compressors",
+    "derive_seed",
+]

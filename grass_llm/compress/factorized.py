@@ -1,0 +1,108 @@
+"""Factorized compressors for Linear layers: FactGraSS and LoGra (DESIGN.md, contract).
+
+Both compress ``G = sum_t delta_t x_t^T`` (``[O, I]``, I including the bias column) without
+forming it:
+
+- ``FactGraSS``: masks S_out (k_out of O) and S_in (k_in of I), ``M = sum_t delta_t[S_out]
+  x_t[S_in]^T`` (``[KO, KI]``), then ``SJLT_k(vec(M))``. Because both masks are sorted, vec(M) is
+  exactly ``vec(G)[S]`` for the sorted flat mask ``S = {i * I + j : i in S_out, j in S_in}``, so
+  FactGraSS *is* GraSS with that mask, applied at O(T k') cost instead of O(T I O).
+- ``LoGra``: ``M = sum_t (P_out delta_t)(P_in x_t)^T`` with Gaussian P's (entries N(0, 1/k_*)),
+  i.e. ``vec(M) = (P_out kron P_in) vec(G)``; no second stage, k = k_in * k_out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from grass_llm.compress._hash import derive_seed, sample_indices
+from grass_llm.compress.base import FactorizedCompressor, check_size
+from grass_llm.compress.dense import Gaussian
+from grass_llm.compress.sparse import SJLT, _DeviceCache
+
+
+def _check_factor(name: str, value: int, limit_name: str, limit: int) -> int:
+    check_size(name, value)
+    if value > limit:
+        raise ValueError(f"{name}={value} must be <= {limit_name}={limit}")
+    return value
+
+
+class FactGraSS(FactorizedCompressor):
+    """Factorized GraSS for one Linear layer: factor masks, outer-product sum, SJLT to k."""
+
+    name = "factgrass"
+
+    def __init__(self, d_in: int, d_out: int, k: int, k_in: int, k_out: int, c: int = 1,
+                 seed: int = 0, bias: bool = False):
+        self.d_in = check_size("d_in", d_in)
+        self.d_out = check_size("d_out", d_out)
+        self.bias = bool(bias)
+        self.k = check_size("k", k)
+        self.k_in = _check_factor("k_in", k_in, "d_in" + ("+1" if bias else ""), self.d_in_eff)
+        self.k_out = _check_factor("k_out", k_out, "d_out", d_out)
+        self.k_prime = k_in * k_out
+        if k > self.k_prime:
+            raise ValueError(f"k={k} must be <= k_in*k_out={self.k_prime}")
+        self.c = c
+        self.seed = seed
+        key = derive_seed(seed, "factgrass")
+        self.idx_in = sample_indices(self.d_in_eff, k_in, derive_seed(key, "in"))
+        self.idx_out = sample_indices(d_out, k_out, derive_seed(key, "out"))
+        self.sjlt = SJLT(self.k_prime, k, c, derive_seed(key, "sjlt"))
+        self._in = _DeviceCache(self.idx_in)
+        self._out = _DeviceCache(self.idx_out)
+
+    def spec_params(self) -> dict[str, object]:
+        return {"k": self.k, "k_in": self.k_in, "k_out": self.k_out, "c": self.c}
+
+    def mask_indices(self) -> np.ndarray:
+        """The equivalent flat mask on row-major vec(G): sorted, ``k_in * k_out`` entries."""
+        return (self.idx_out[:, None] * self.d_in_eff + self.idx_in[None, :]).reshape(-1)
+
+    def _apply(self, x_BTI: torch.Tensor, delta_BTO: torch.Tensor) -> torch.Tensor:
+        B, T = x_BTI.shape[:2]
+        # A 2-D gather along dim 1 is several times faster than index_select on dim 2 on CPU.
+        xs_BTK = x_BTI.reshape(B * T, -1).index_select(1, self._in.get(x_BTI.device))
+        ds_BTK = delta_BTO.reshape(B * T, -1).index_select(1, self._out.get(delta_BTO.device))
+        m_BKK = torch.bmm(ds_BTK.view(B, T, self.k_out).transpose(1, 2),
+                          xs_BTK.view(B, T, self.k_in))
+        return self.sjlt._apply(m_BKK.reshape(m_BKK.shape[0], self.k_prime))
+
+    def dense_matrix(self) -> torch.Tensor:
+        p = self.d_out * self.d_in_eff
+        mask = torch.zeros(self.k_prime, p, dtype=torch.float64)
+        mask[torch.arange(self.k_prime), torch.from_numpy(self.mask_indices())] = 1.0
+        return self.sjlt.dense_matrix() @ mask
+
+
+class LoGra(FactorizedCompressor):
+    """LoGra: Gaussian projections of x and delta, outer-product sum; k = k_in * k_out."""
+
+    name = "logra"
+
+    def __init__(self, d_in: int, d_out: int, k_in: int, k_out: int, seed: int = 0,
+                 bias: bool = False):
+        self.d_in = check_size("d_in", d_in)
+        self.d_out = check_size("d_out", d_out)
+        self.bias = bool(bias)
+        self.k_in = _check_factor("k_in", k_in, "d_in" + ("+1" if bias else ""), self.d_in_eff)
+        self.k_out = _check_factor("k_out", k_out, "d_out", d_out)
+        self.k = k_in * k_out
+        self.seed = seed
+        key = derive_seed(seed, "logra")
+        self.proj_in = Gaussian(self.d_in_eff, k_in, derive_seed(key, "in"))
+        self.proj_out = Gaussian(d_out, k_out, derive_seed(key, "out"))
+
+    def spec_params(self) -> dict[str, object]:
+        return {"k_in": self.k_in, "k_out": self.k_out}
+
+    def _apply(self, x_BTI: torch.Tensor, delta_BTO: torch.Tensor) -> torch.Tensor:
+        B, T = x_BTI.shape[:2]
+        xp_BTK = self.proj_in._apply(x_BTI.reshape(B * T, -1)).reshape(B, T, self.k_in)
+        dp_BTK = self.proj_out._apply(delta_BTO.reshape(B * T, -1)).reshape(B, T, self.k_out)
+        return torch.bmm(dp_BTK.transpose(1, 2), xp_BTK).reshape(B, self.k)
+
+    def dense_matrix(self) -> torch.Tensor:
+        return torch.kron(self.proj_out.dense_matrix(), self.proj_in.dense_matrix())

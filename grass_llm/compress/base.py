@@ -70,10 +70,11 @@ class VectorCompressor(Compressor):
 
     def __call__(self, g_BP: torch.Tensor) -> torch.Tensor:
         """Compress a batch of vectors: ``[B, P] -> [B, K]``."""
-        return self._apply(self._check(g_BP))
+        return self.apply_unchecked(self._check(g_BP))
 
     @abc.abstractmethod
-    def _apply(self, g_BP: torch.Tensor) -> torch.Tensor: ...
+    def apply_unchecked(self, g_BP: torch.Tensor) -> torch.Tensor:
+        """``__call__`` without input checks: g is ``[B, P]`` already in the compute dtype."""
 
     @abc.abstractmethod
     def dense_matrix(self) -> torch.Tensor:
@@ -113,7 +114,7 @@ class FactorizedCompressor(Compressor):
                 (or ``[B, d_out]``).
         """
         x, d = self._check(x_BTI, delta_BTO)
-        return self._apply(x, d)
+        return self.combine(self.input_features(x), self.output_features(d))
 
     def per_token(self, x_BTI: torch.Tensor, delta_BTO: torch.Tensor) -> torch.Tensor:
         """Compressed gradient of each token's own term ``delta_t x_t^T``: ``[B, T, K]``.
@@ -121,12 +122,38 @@ class FactorizedCompressor(Compressor):
         Summing over T gives ``self(x, delta)`` (both maps are linear in the outer products).
         """
         x, d = self._check(x_BTI, delta_BTO)
-        B, T = x.shape[:2]
-        out = self._apply(x.reshape(B * T, 1, x.shape[2]), d.reshape(B * T, 1, d.shape[2]))
-        return out.reshape(B, T, self.k)
+        return self.combine_per_token(self.input_features(x), self.output_features(d))
+
+    # The three stages below are what gradient-capture hooks use: the forward hook keeps only
+    # ``input_features(x)`` (k_in columns, never the full activation) and the backward side
+    # reduces delta as soon as it exists. Inputs must already be checked (``_check``).
 
     @abc.abstractmethod
-    def _apply(self, x_BTI: torch.Tensor, delta_BTO: torch.Tensor) -> torch.Tensor: ...
+    def input_features(self, x_BTI: torch.Tensor) -> torch.Tensor:
+        """``[B, T, d_in_eff] -> [B, T, KI]`` (x must already include the bias column)."""
+
+    @abc.abstractmethod
+    def output_features(self, delta_BTO: torch.Tensor) -> torch.Tensor:
+        """``[B, T, d_out] -> [B, T, KO]``."""
+
+    @abc.abstractmethod
+    def combine(self, xf_BTK: torch.Tensor, df_BTK: torch.Tensor) -> torch.Tensor:
+        """``sum_t df_t xf_t^T`` reduced to the output: ``[B, K]``."""
+
+    def combine_per_token(self, xf_BTK: torch.Tensor, df_BTK: torch.Tensor) -> torch.Tensor:
+        """Like ``combine`` but one row per token: ``[B, T, K]``."""
+        B, T = xf_BTK.shape[:2]
+        out = self.combine(xf_BTK.reshape(B * T, 1, -1), df_BTK.reshape(B * T, 1, -1))
+        return out.reshape(B, T, self.k)
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Cast a raw layer input ``[..., d_in]`` to the compute dtype and append the bias one."""
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"x has last dimension {x.shape[-1]}, expected d_in={self.d_in}")
+        x = x.to(compute_dtype(x))
+        if self.bias:
+            x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+        return x
 
     @abc.abstractmethod
     def dense_matrix(self) -> torch.Tensor:
@@ -152,7 +179,4 @@ class FactorizedCompressor(Compressor):
             raise ValueError(f"x and delta disagree on [B, T]: {list(x.shape[:2])} vs "
                              f"{list(d.shape[:2])}")
         dt = torch.promote_types(compute_dtype(x), compute_dtype(d))
-        x, d = x.to(dt), d.to(dt)
-        if self.bias:
-            x = torch.cat([x, x.new_ones(*x.shape[:2], 1)], dim=-1)
-        return x, d
+        return self.prepare_input(x).to(dt), d.to(dt)

@@ -53,7 +53,7 @@ class _DenseJL(VectorCompressor):
         vals = self._entries(counters).reshape(j1 - j0, self.k).T
         return np.ascontiguousarray(vals / math.sqrt(self.k))
 
-    def _apply(self, g_BP: torch.Tensor) -> torch.Tensor:
+    def apply_unchecked(self, g_BP: torch.Tensor) -> torch.Tensor:
         if self._cache is not None:
             return g_BP @ self._cache.get(g_BP.device, g_BP.dtype).T
         out = g_BP.new_zeros(g_BP.shape[0], self.k)
@@ -121,7 +121,7 @@ class FJLT(VectorCompressor):
     def spec_params(self) -> dict[str, object]:
         return {"k": self.k}
 
-    def _apply(self, g_BP: torch.Tensor) -> torch.Tensor:
+    def apply_unchecked(self, g_BP: torch.Tensor) -> torch.Tensor:
         y = g_BP.new_zeros(g_BP.shape[0], self.n)
         y[:, : self.p] = g_BP * self._signs.get(g_BP.device, g_BP.dtype)
         y = fwht(y)

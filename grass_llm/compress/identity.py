@@ -16,7 +16,7 @@ class Identity(VectorCompressor):
         self.p = self.k = check_size("p", p)
         self.seed = seed
 
-    def _apply(self, g_BP: torch.Tensor) -> torch.Tensor:
+    def apply_unchecked(self, g_BP: torch.Tensor) -> torch.Tensor:
         return g_BP
 
     def dense_matrix(self) -> torch.Tensor:

@@ -70,7 +70,7 @@ class RandomMask(VectorCompressor):
     def spec_params(self) -> dict[str, object]:
         return {"k": self.k}
 
-    def _apply(self, g_BP: torch.Tensor) -> torch.Tensor:
+    def apply_unchecked(self, g_BP: torch.Tensor) -> torch.Tensor:
         return g_BP.index_select(1, self._idx.get(g_BP.device))
 
     def dense_matrix(self) -> torch.Tensor:
@@ -114,7 +114,7 @@ class SJLT(VectorCompressor):
     def spec_params(self) -> dict[str, object]:
         return {"k": self.k, "c": self.c}
 
-    def _apply(self, g_BP: torch.Tensor) -> torch.Tensor:
+    def apply_unchecked(self, g_BP: torch.Tensor) -> torch.Tensor:
         rows = self._rows.get(g_BP.device)
         signs = self._signs.get(g_BP.device, g_BP.dtype)
         out = g_BP.new_zeros(g_BP.shape[0], self.k)
@@ -154,8 +154,8 @@ class GraSS(VectorCompressor):
     def spec_params(self) -> dict[str, object]:
         return {"k": self.k, "k_prime": self.k_prime, "c": self.c}
 
-    def _apply(self, g_BP: torch.Tensor) -> torch.Tensor:
-        return self.sjlt._apply(self.mask._apply(g_BP))
+    def apply_unchecked(self, g_BP: torch.Tensor) -> torch.Tensor:
+        return self.sjlt.apply_unchecked(self.mask.apply_unchecked(g_BP))
 
     def dense_matrix(self) -> torch.Tensor:
         return self.sjlt.dense_matrix() @ self.mask.dense_matrix()

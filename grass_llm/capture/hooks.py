@@ -165,14 +165,16 @@ class GradientCapture:
                 return None  # e.g. the no-grad first pass of reentrant checkpointing
             x = args[0].detach()
             x = x if x.dim() == 3 else x.unsqueeze(1)
-            x = x.to(compute_dtype(x))
-            if bias:
-                x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
             # Kept until delta arrives: the k_in features for factorized maps, x itself for
             # the materializing slow path. A recomputation (gradient checkpointing) overwrites
             # it with identical values.
-            self._feats[name] = (comp.input_features(x)
-                                 if isinstance(comp, FactorizedCompressor) else x)
+            if isinstance(comp, FactorizedCompressor):
+                self._feats[name] = comp.input_features(x)
+            else:
+                x = x.to(compute_dtype(x))
+                if bias:
+                    x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+                self._feats[name] = x
             output.register_hook(self._grad_hook(name))
             return None
 
@@ -189,13 +191,12 @@ class GradientCapture:
                                    "the layer called twice in one forward?)")
             d = grad.detach()
             d = d if d.dim() == 3 else d.unsqueeze(1)
-            d = d.to(compute_dtype(d))
             if isinstance(comp, FactorizedCompressor):
                 df = comp.output_features(d)
                 res = (comp.combine_per_token(feats, df) if per_position
                        else comp.combine(feats, df))
             else:
-                res = _materialized(comp, feats, d, per_position)
+                res = _materialized(comp, feats, d.to(compute_dtype(d)), per_position)
             if name in self._results:
                 raise RuntimeError(f"layer {name} received two output gradients in one step; "
                                    "modules called more than once per forward are not supported")

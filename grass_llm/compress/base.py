@@ -126,15 +126,16 @@ class FactorizedCompressor(Compressor):
 
     # The three stages below are what gradient-capture hooks use: the forward hook keeps only
     # ``input_features(x)`` (k_in columns, never the full activation) and the backward side
-    # reduces delta as soon as it exists. Inputs must already be checked (``_check``).
+    # reduces delta as soon as it exists. They take raw layer tensors in any float dtype (shape
+    # already checked) and return features in the compute dtype.
 
     @abc.abstractmethod
     def input_features(self, x_BTI: torch.Tensor) -> torch.Tensor:
-        """``[B, T, d_in_eff] -> [B, T, KI]`` (x must already include the bias column)."""
+        """Raw layer input ``[B, T, d_in]`` (no bias column) -> ``[B, T, KI]``."""
 
     @abc.abstractmethod
     def output_features(self, delta_BTO: torch.Tensor) -> torch.Tensor:
-        """``[B, T, d_out] -> [B, T, KO]``."""
+        """Raw output gradient ``[B, T, d_out]`` -> ``[B, T, KO]``."""
 
     @abc.abstractmethod
     def combine(self, xf_BTK: torch.Tensor, df_BTK: torch.Tensor) -> torch.Tensor:
@@ -146,10 +147,8 @@ class FactorizedCompressor(Compressor):
         out = self.combine(xf_BTK.reshape(B * T, 1, -1), df_BTK.reshape(B * T, 1, -1))
         return out.reshape(B, T, self.k)
 
-    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Cast a raw layer input ``[..., d_in]`` to the compute dtype and append the bias one."""
-        if x.shape[-1] != self.d_in:
-            raise ValueError(f"x has last dimension {x.shape[-1]}, expected d_in={self.d_in}")
+    def with_bias_column(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the compute dtype, with the constant-1 bias column appended if ``bias``."""
         x = x.to(compute_dtype(x))
         if self.bias:
             x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
@@ -178,5 +177,6 @@ class FactorizedCompressor(Compressor):
         if x.shape[:2] != d.shape[:2]:
             raise ValueError(f"x and delta disagree on [B, T]: {list(x.shape[:2])} vs "
                              f"{list(d.shape[:2])}")
-        dt = torch.promote_types(compute_dtype(x), compute_dtype(d))
-        return self.prepare_input(x).to(dt), d.to(dt)
+        if torch.float64 in (x.dtype, d.dtype):  # one float64 input makes it all float64
+            x, d = x.to(torch.float64), d.to(torch.float64)
+        return x, d

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from grass_llm.compress._hash import derive_seed, sample_indices
-from grass_llm.compress.base import FactorizedCompressor, check_size
+from grass_llm.compress.base import FactorizedCompressor, check_size, compute_dtype
 from grass_llm.compress.dense import Gaussian
 from grass_llm.compress.sparse import SJLT, _DeviceCache
 
@@ -73,10 +73,24 @@ class FactGraSS(FactorizedCompressor):
         return (self.idx_out[:, None] * self.d_in_eff + self.idx_in[None, :]).reshape(-1)
 
     def input_features(self, x_BTI: torch.Tensor) -> torch.Tensor:
-        return _gather_last(x_BTI, self._in.get(x_BTI.device))
+        # Gather in the input's own dtype, then upcast only the k_in kept columns. The mask is
+        # sorted, so the bias column (index d_in), when kept, is the last one.
+        keep_bias = self.bias and int(self.idx_in[-1]) == self.d_in
+        n = self.k_in - int(keep_bias)
+        if n == self.d_in:  # every column kept: no gather
+            xs = x_BTI
+        else:
+            xs = _gather_last(x_BTI, self._in.get(x_BTI.device)[:n])
+        xs = xs.to(compute_dtype(x_BTI))
+        if keep_bias:
+            xs = torch.cat([xs, xs.new_ones(*xs.shape[:-1], 1)], dim=-1)
+        return xs
 
     def output_features(self, delta_BTO: torch.Tensor) -> torch.Tensor:
-        return _gather_last(delta_BTO, self._out.get(delta_BTO.device))
+        if self.k_out == self.d_out:
+            return delta_BTO.to(compute_dtype(delta_BTO))
+        out = _gather_last(delta_BTO, self._out.get(delta_BTO.device))
+        return out.to(compute_dtype(delta_BTO))
 
     def combine(self, xf_BTK: torch.Tensor, df_BTK: torch.Tensor) -> torch.Tensor:
         m_BKK = torch.bmm(df_BTK.transpose(1, 2), xf_BTK)
@@ -111,10 +125,10 @@ class LoGra(FactorizedCompressor):
         return {"k_in": self.k_in, "k_out": self.k_out}
 
     def input_features(self, x_BTI: torch.Tensor) -> torch.Tensor:
-        return _project_last(self.proj_in, x_BTI)
+        return _project_last(self.proj_in, self.with_bias_column(x_BTI))
 
     def output_features(self, delta_BTO: torch.Tensor) -> torch.Tensor:
-        return _project_last(self.proj_out, delta_BTO)
+        return _project_last(self.proj_out, delta_BTO.to(compute_dtype(delta_BTO)))
 
     def combine(self, xf_BTK: torch.Tensor, df_BTK: torch.Tensor) -> torch.Tensor:
         return torch.bmm(df_BTK.transpose(1, 2), xf_BTK).reshape(xf_BTK.shape[0], self.k)

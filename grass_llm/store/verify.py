@@ -1,0 +1,140 @@
+"""``grass-llm verify``: check that a store is complete and intact."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from grass_llm.store.store import _ZARR_DTYPE, GradientStore, StoreError
+
+
+def _expected_arrays(store: GradientStore) -> dict[str, tuple[tuple[int, ...], str]]:
+    lay = store.layout
+    n, dt = lay.n_examples, _ZARR_DTYPE[lay.dtype]
+    out = {f"grads/{x.name}": ((n, x.k), dt) for x in lay.layers}
+    out.update({"n_targets": ((n,), "int32"), "loss": ((n,), "float32"),
+                "row_flags": ((n,), "uint8"), "chunk_done": ((lay.n_chunks,), "uint8")})
+    if lay.token_mode is not None:
+        n_tok = lay.n_token_rows()
+        out.update({f"tokens/{x.name}": ((n_tok, x.k), dt) for x in lay.layers})
+        out.update({"token_offsets": ((n + 1,), "int64"),
+                    "token_chunk_base": ((lay.n_chunks,), "int64"),
+                    "token_position": ((n_tok,), "int32")})
+    return out
+
+
+def verify_store(url: str, *, quick: bool = False, repair: bool = False,
+                 progress: Callable[[str, int, int], None] | None = None) -> list[str]:
+    """Check a store; returns a list of problems (empty = the store is complete and intact).
+
+    Checks: format and attrs; every array's shape and dtype against the recorded layout; every
+    row chunk marked done; unless ``quick``, every chunk of every array decodes (CRC32C checksums
+    catch truncated or corrupted files) and holds only finite values; example ids unique and
+    complete; rows flagged non-finite at write time.
+
+    With ``repair``, the row chunks whose data is unreadable are marked not done, so that
+    rerunning the same cache command recomputes exactly those.
+    """
+    try:
+        store = GradientStore(url, mode="r")
+    except StoreError as err:
+        return [str(err)]
+    problems: list[str] = []
+    g = store.group
+    for name, (shape, dtype) in _expected_arrays(store).items():
+        try:
+            arr = g[name]
+        except KeyError:
+            problems.append(f"array {name} is missing")
+            continue
+        if tuple(arr.shape) != shape or str(arr.dtype) != dtype:
+            problems.append(f"array {name} has shape {tuple(arr.shape)} dtype {arr.dtype}, "
+                            f"expected {shape} {dtype}")
+    if "example_id" not in g:
+        problems.append("array example_id is missing")
+    if problems:
+        return problems
+    done = store.done_chunks()
+    if not done.all():
+        missing = np.nonzero(~done)[0]
+        problems.append(f"{missing.size} of {done.size} row chunks are not complete (first: "
+                        f"{missing[:8].tolist()}); rerun the same cache command to finish them")
+    if quick:
+        return problems
+    lay = store.layout
+    names = [f"grads/{x.name}" for x in lay.layers]
+    if lay.token_mode is not None:
+        names += [f"tokens/{x.name}" for x in lay.layers]
+    broken: set[int] = set()
+    for i, name in enumerate(names):
+        if progress is not None:
+            progress(name, i, len(names))
+        found, chunks = _check_array(store, name)
+        problems += found
+        broken |= chunks
+    if broken:
+        listed = sorted(broken)
+        if repair:
+            reopened = GradientStore(url, mode="r+")
+            for c in listed:
+                reopened.group["chunk_done"][c] = 0
+            problems.append(f"repaired: row chunks {listed[:16]} marked not done; rerun the "
+                            "same cache command to recompute them")
+        else:
+            problems.append(f"row chunks {listed[:16]} hold unreadable data; run `grass-llm "
+                            "verify --repair` and rerun the same cache command to recompute them")
+    try:
+        ids = g["example_id"][:]
+    except Exception as err:  # a corrupted chunk surfaces as a codec error
+        problems.append(f"example_id cannot be read: {err}")
+    else:
+        rows_done = np.repeat(done, lay.chunk_rows)[: lay.n_examples]
+        ids = ids[rows_done]
+        empty = int((ids == "").sum())
+        if empty:
+            problems.append(f"{empty} example id(s) are empty in complete chunks")
+        uniq, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            problems.append(f"example ids are not unique: {uniq[counts > 1][:5].tolist()}")
+    flags = g["row_flags"][:]
+    if flags.any():
+        bad = np.nonzero(flags & 1)[0]
+        problems.append(f"{bad.size} row(s) had non-finite gradients at write time and are "
+                        f"stored as zeros (rows {bad[:8].tolist()})")
+    if lay.token_mode is not None:
+        off = g["token_offsets"][:]
+        if off[0] != 0 or (np.diff(off) < 0).any():
+            problems.append("token_offsets are not non-decreasing from 0")
+    return problems
+
+
+def _check_array(store: GradientStore, name: str) -> tuple[list[str], set[int]]:
+    """Decode every chunk of one array: problems found, and the row chunks they belong to."""
+    arr = store.group[name]
+    lay = store.layout
+    rows = arr.chunks[0]
+    out, broken = [], set()
+    for start in range(0, arr.shape[0], rows):
+        try:
+            block = arr[start: start + rows]
+        except Exception as err:  # CRC32C mismatch, truncated file, bad codec stream
+            out.append(f"{name}: chunk at row {start} is unreadable ({type(err).__name__}: "
+                       f"{err})")
+            broken.add(_row_chunk(lay, name, start))
+            continue
+        if block.dtype == np.uint16:  # bfloat16 bit patterns: exponent all ones = NaN/Inf
+            bad = ((block & 0x7F80) == 0x7F80).any(axis=1)
+        else:
+            bad = ~np.isfinite(block).all(axis=1)
+        if bad.any():
+            out.append(f"{name}: {int(bad.sum())} row(s) with NaN/Inf from row {start} "
+                       f"(first row {start + int(np.argmax(bad))})")
+            broken.add(_row_chunk(lay, name, start))
+    return out, broken
+
+
+def _row_chunk(lay, name: str, start: int) -> int:
+    if name.startswith("tokens/"):
+        return int(np.searchsorted(lay.token_chunk_base(), start, side="right") - 1)
+    return start // lay.chunk_rows

@@ -92,6 +92,63 @@ def example(
     console.print("Next: `grass-llm compressors` lists every method and its spec parameters.")
 
 
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def cache(
+    config: str = typer.Option(None, "--config", "-c",
+                               help="YAML run config (see configs/ and `grass-llm config-help`)."),
+    set_: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
+                                   help="Override a config field (repeatable), e.g. "
+                                        "--set out=cache.zarr --set parallel=fsdp."),
+    overwrite: bool = typer.Option(False, help="Replace a store of a different run at `out`."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Cache compressed gradients of a corpus into a store (resumes an interrupted run).
+
+    Runs single-process, or under `accelerate launch --config_file launch/X.yaml -m grass_llm
+    cache ...` / `torchrun --nproc-per-node N -m grass_llm cache ...` with the sharding of the
+    config's `parallel` field (none, fsdp, deepspeed, tp).
+    """
+    from grass_llm.config import load_config
+    from grass_llm.runner import run_cache
+    from grass_llm.store import StoreError
+
+    try:
+        cfg = load_config(config, list(set_) + (["overwrite=true"] if overwrite else []))
+        summary = run_cache(cfg, progress=not quiet)
+    except (ValueError, StoreError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from err
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        console.print(
+            f"cached {summary.examples:,} examples ({summary.tokens:,} tokens this run) into "
+            f"{summary.store}: {summary.chunks_written} chunk(s) written, "
+            f"{summary.chunks_total} in the store, {summary.skipped} record(s) skipped, "
+            f"{summary.seconds:,.1f} s, {summary.tokens_per_s:,.0f} tokens/s",
+            highlight=False, soft_wrap=True)
+
+
+@app.command("config-help")
+def config_help() -> None:
+    """Describe every field of a run config (YAML key = --set key)."""
+    import dataclasses
+
+    from grass_llm.config import RunConfig, field_help
+
+    docs = field_help()
+    table = Table(title="run config fields")
+    for col in ("field", "default", "meaning"):
+        table.add_column(col)
+    for f in dataclasses.fields(RunConfig):
+        default = ("(required)" if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING
+                   else repr(f.default if f.default is not dataclasses.MISSING
+                             else f.default_factory()))
+        table.add_row(f.name, default, docs.get(f.name, ""))
+    console.print(table)
+
+
 @app.command()
 def info(store: str = typer.Argument(..., help="Path or fsspec URL of a gradient store.")) -> None:
     """Print what a gradient store holds: format, run, model, layers, progress."""

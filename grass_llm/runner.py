@@ -147,6 +147,8 @@ def _open(cfg, info, examples, skipped, model, tok, name, capture):
 def run_cache(cfg: RunConfig, *, progress: bool = True) -> Summary:
     """Run the cache job for this process (call it on every rank)."""
     info = init_distributed()
+    if not info.is_main:
+        _quiet()
     t_start = time.perf_counter()
     dtype = getattr(torch, cfg.dtype)
     model, tok, name = load_model(cfg.model, dtype=dtype, tokenizer=cfg.tokenizer,
@@ -208,7 +210,8 @@ class _Loop:
         filler = [int(np.argmin(self.lengths))]
         buffers: dict[int, dict] = {}
         remaining = {c: sum(len(ix) for cc, ix in mine if cc == c) for c, _ in mine}
-        tokens, written = 0, 0
+        tokens, written, examples = 0, 0, 0
+        n_mine = sum(len(ix) for _, ix in mine)
         bar = _bar(self.progress, int(sum(self.lengths[ix].sum() for _, ix in mine)))
         with self.capture as cap:
             for step in range(n_steps):
@@ -222,7 +225,9 @@ class _Loop:
                     buf[i] = self._row(out, j)
                 n_tok = int(self.lengths[idx].sum())
                 tokens += n_tok
+                examples += len(idx)
                 if bar is not None:
+                    bar.set_postfix(examples=f"{examples}/{n_mine}", refresh=False)
                     bar.update(n_tok)
                 remaining[c] -= len(idx)
                 if remaining[c] == 0:
@@ -233,7 +238,8 @@ class _Loop:
                         buffers.pop(c)
         if bar is not None:
             bar.close()
-        return written, tokens
+        # tensor-parallel ranks of one group computed the same tokens: count them once
+        return written, tokens if self.setup.writer else 0
 
     def _compute(self, cap, idx):
         batch = collate([self.examples[i] for i in idx], self.pad_id)
@@ -268,10 +274,23 @@ class _Loop:
             [r["loss"] for r in order], nonfinite=self.cfg.nonfinite, **kwargs)
 
 
+def _quiet() -> None:
+    """Ranks other than 0 only speak when they fail (their exceptions still propagate)."""
+    import logging
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _bar(enabled: bool, total: int):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="tok", unit_scale=True, desc="caching gradients",
+    return tqdm(total=total, unit="tok", unit_scale=True, desc="caching (rank 0's share)",
                 dynamic_ncols=True, smoothing=0.1)

@@ -32,6 +32,9 @@ class RunConfig:
     (prompt tokens are not targets), or chat ``messages``; an ``id`` field is kept."""
     out: str
     """Store path or fsspec URL (created, or resumed when it holds this same run)."""
+    adapter: str | None = None
+    """A PEFT LoRA adapter directory applied on top of ``model``; attribution then covers the
+    adapter's Linear layers (lora_A / lora_B) unless ``layers`` says otherwise."""
     tokenizer: str | None = None
     """Tokenizer directory; default: the model's own (``tiny:*`` models use a byte tokenizer)."""
     compressor: str = "factgrass:k=4096,k_in=128,k_out=128"
@@ -103,6 +106,9 @@ class RunConfig:
         if self.max_tokens < self.max_length:
             raise ValueError(f"max_tokens={self.max_tokens} must be >= max_length="
                              f"{self.max_length} (a batch must fit one full-length example)")
+        if self.adapter is not None and self.parallel == "tp":
+            raise ValueError("parallel=tp does not support LoRA adapters (the tensor-parallel "
+                             "plan shards plain Linear layers); use none, fsdp or deepspeed")
         if self.token_mode == "loss" and self.reduction != "sum":
             raise ValueError("token_mode=loss needs reduction=sum")
         build_compressor(self.compressor, seed=0, p=10**9, d_in=10**5, d_out=10**5)  # syntax

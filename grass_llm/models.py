@@ -154,8 +154,23 @@ def byte_tokenizer():
 BYTE_VOCAB = 259
 
 
+ADAPTER_LAYERS = ["*.lora_A.*", "*.lora_B.*"]
+
+
+def apply_adapter(model, adapter: str):
+    """Wrap ``model`` with a PEFT LoRA adapter from a local directory (frozen, eval mode)."""
+    try:
+        from peft import PeftModel
+    except ImportError as err:
+        raise ValueError("adapters need the peft package: pip install 'grass-llm[lora]'") from err
+    if not Path(adapter, "adapter_config.json").is_file():
+        raise ValueError(f"adapter {adapter!r}: no adapter_config.json there (give the "
+                         "directory a PEFT adapter was saved to)")
+    return PeftModel.from_pretrained(model, adapter).eval()
+
+
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, tokenizer: str | None = None,
-               seed: int = 0):
+               seed: int = 0, adapter: str | None = None):
     """Load a causal LM and its tokenizer from a run config's ``model`` / ``tokenizer`` fields.
 
     Returns ``(model, tokenizer, name)``; raises ValueError with what to do when the path is
@@ -198,6 +213,9 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, tokenizer: str 
         from transformers import AutoTokenizer as _AT
 
         tok = _AT.from_pretrained(tokenizer)
+    if adapter is not None:
+        model = apply_adapter(model, adapter)
+        name = f"{name} + adapter {adapter}"
     if len(tok) > model.config.vocab_size:
         raise ValueError(f"tokenizer has {len(tok)} tokens but the model's vocabulary has "
                          f"{model.config.vocab_size}: they do not belong together")

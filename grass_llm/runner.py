@@ -24,7 +24,7 @@ import torch.distributed as dist
 from grass_llm.capture import GradientCapture
 from grass_llm.config import RunConfig
 from grass_llm.data import collate, read_records, token_budget_batches, tokenize_records
-from grass_llm.models import load_model
+from grass_llm.models import ADAPTER_LAYERS, load_model
 from grass_llm.parallel import (
     apply_fsdp2,
     apply_tp,
@@ -152,7 +152,9 @@ def run_cache(cfg: RunConfig, *, progress: bool = True) -> Summary:
     t_start = time.perf_counter()
     dtype = getattr(torch, cfg.dtype)
     model, tok, name = load_model(cfg.model, dtype=dtype, tokenizer=cfg.tokenizer,
-                                  seed=cfg.seed)
+                                  seed=cfg.seed, adapter=cfg.adapter)
+    if cfg.adapter is not None and cfg.layers is None:
+        cfg = dataclasses.replace(cfg, layers=list(ADAPTER_LAYERS))
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     read = read_records(cfg.data, on_error=cfg.on_bad_record)

@@ -174,3 +174,45 @@ def test_token_mode_store_rows_sum_to_examples(tmp_path):
         assert toks.shape[0] == store.group["n_targets"][i]
         _assert_rows_close(toks.sum(0, keepdims=True), store.read_rows(name, i, i + 1), name)
     assert torch.is_tensor(torch.from_numpy(toks))
+
+
+def test_lora_adapter_attribution_equals_per_example_backward(tmp_path):
+    peft = pytest.importorskip("peft")
+    import torch.nn.functional as F
+
+    from grass_llm.compress import build_compressor
+
+    base, tok, _ = load_model("tiny:llama")
+    lora = peft.get_peft_model(base, peft.LoraConfig(
+        r=2, lora_alpha=4, lora_dropout=0.0, init_lora_weights=False,
+        target_modules=["q_proj", "v_proj", "up_proj"]))
+    adapter = tmp_path / "adapter"
+    lora.save_pretrained(adapter)
+    out = str(tmp_path / "lora.zarr")
+    res = CliRunner().invoke(app, _cache_args(out, "--set", f"adapter={adapter}", "--set",
+                                              "compressor=factgrass:k=4,k_in=2,k_out=2"),
+                             terminal_width=200)
+    assert res.exit_code == 0, res.output
+    store = open_store(out)
+    assert len(store.layer_names) == 2 * 3 * 2  # 2 layers x 3 targets x (lora_A, lora_B)
+    assert all(".lora_A." in n or ".lora_B." in n for n in store.layer_names)
+    model, tok, _ = load_model("tiny:llama", adapter=str(adapter))
+    mods = dict(model.named_modules())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    examples = tokenize_records(read_records(CORPUS).records, tok, max_length=64).examples
+    for i in (0, 2, 4):  # a text, a prompt/completion and a chat example
+        ex = examples[i]
+        for name in store.layer_names:
+            mods[name].weight.requires_grad_(True)
+        ids = torch.tensor([ex.input_ids])
+        logits = model(input_ids=ids).logits[0, :-1]
+        F.cross_entropy(logits, torch.tensor(ex.labels[1:]), ignore_index=-100,
+                        reduction="sum").backward()
+        for lay in store.layout.layers:
+            comp = build_compressor(lay.spec, seed=lay.seed, d_in=lay.d_in, d_out=lay.d_out,
+                                    bias=lay.bias)
+            g = mods[lay.name].weight.grad.reshape(-1).double()
+            expected = (comp.dense_matrix() @ g).float().numpy()[None]
+            _assert_rows_close(store.read_rows(lay.name, i, i + 1), expected, lay.name)
+            mods[lay.name].weight.grad = None

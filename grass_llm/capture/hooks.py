@@ -110,9 +110,15 @@ class GradientCapture:
         for name, mod in self.layers.items():
             bias = include_bias and mod.bias is not None
             self._bias[name] = bias
-            self.compressors[name] = build_compressor(
-                spec, seed=derive_seed(seed, name), d_in=mod.in_features,
-                d_out=mod.out_features, bias=bias, p=mod.out_features * (mod.in_features + bias))
+            try:
+                self.compressors[name] = build_compressor(
+                    spec, seed=derive_seed(seed, name), d_in=mod.in_features,
+                    d_out=mod.out_features, bias=bias,
+                    p=mod.out_features * (mod.in_features + bias))
+            except ValueError as err:
+                raise ValueError(f"compressor {spec!r} does not fit layer {name} "
+                                 f"({mod.out_features} x {mod.in_features}): {err}; choose "
+                                 "smaller sizes or leave the layer out (exclude)") from err
         # What the hooks apply per layer: the compressor, or its tensor-parallel shard view.
         self.tp_group = tp_group
         self._keep = {id(p) for p in keep_trainable}

@@ -13,7 +13,8 @@ ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated decoder blocks (``model.model.layers`` for Llama/Qwen2/Mistral,
     ``gpt_neox.layers`` for GPT-NeoX)."""
-    for path in ("model.layers", "gpt_neox.layers", "transformer.h", "layers"):
+    for path in ("model.layers", "gpt_neox.layers", "transformer.h", "layers",
+                 "base_model.model.model.layers"):  # the last: a PEFT-wrapped Llama
         obj = model
         for part in path.split("."):
             obj = getattr(obj, part, None)

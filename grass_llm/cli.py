@@ -20,6 +20,14 @@ app = typer.Typer(
 console = Console()
 
 
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:,.1f} TiB"
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"grass-llm {grass_llm.__version__}")
@@ -125,7 +133,9 @@ def cache(
             f"cached {summary.examples:,} examples ({summary.tokens:,} tokens this run) into "
             f"{summary.store}: {summary.chunks_written} chunk(s) written, "
             f"{summary.chunks_total} in the store, {summary.skipped} record(s) skipped, "
-            f"{summary.seconds:,.1f} s, {summary.tokens_per_s:,.0f} tokens/s",
+            f"{summary.seconds:,.1f} s, {summary.tokens_per_s:,.0f} tokens/s"
+            + (f", store {_human_bytes(summary.store_bytes)}"
+               if summary.store_bytes is not None else ""),
             highlight=False, soft_wrap=True)
 
 

@@ -51,6 +51,7 @@ class Summary:
     chunks_total: int
     skipped: int
     store: str
+    store_bytes: int | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -182,7 +183,18 @@ def run_cache(cfg: RunConfig, *, progress: bool = True) -> Summary:
     done = store.done_chunks()
     return Summary(examples=len(examples), tokens=int(totals[1]),
                    seconds=time.perf_counter() - t_start, chunks_written=int(totals[0]),
-                   chunks_total=int(done.size), skipped=len(skipped), store=cfg.out)
+                   chunks_total=int(done.size), skipped=len(skipped), store=cfg.out,
+                   store_bytes=_local_size(cfg.out))
+
+
+def _local_size(url: str) -> int | None:
+    """Bytes on disk of a local store (None for remote URLs)."""
+    from pathlib import Path
+
+    root = Path(url)
+    if "://" in url or not root.is_dir():
+        return None
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
 class _Loop:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -157,6 +158,151 @@ def config_help() -> None:
                              else f.default_factory()))
         table.add_row(f.name, default, docs.get(f.name, ""))
     console.print(table)
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2) from err
+
+
+def _chunk_progress(bar, task):
+    return lambda done, total: bar.update(task, total=total, completed=done)
+
+
+@app.command()
+def fisher(
+    store: str = typer.Argument(..., help="Path or URL of a complete gradient store."),
+    damping: float = typer.Option(0.1, help="Damping: a multiple of tr(F)/k per block "
+                                            "(relative) or the value itself (absolute)."),
+    damping_mode: str = typer.Option("relative", help="relative or absolute."),
+) -> None:
+    """Fit the per-layer Fisher F = (1/n) sum g g^T (float64), damp it, store its Cholesky
+    factor, and report each block's damping and condition number."""
+    from rich.progress import Progress
+
+    from grass_llm.influence import compute_fisher
+    from grass_llm.influence.fisher import ILL_CONDITIONED
+    from grass_llm.store import StoreError, open_store
+
+    try:
+        st = open_store(store, mode="r+")
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("fisher", total=None)
+            report = compute_fisher(st, damping=damping, mode=damping_mode, progress=lambda n, i,
+                                    t: bar.update(task, total=t, completed=i,
+                                                  description=f"fisher {n}"))
+    except (StoreError, ValueError) as err:
+        _fail(err)
+    table = Table(title=f"Fisher blocks of {store} (damping {damping}, {damping_mode})")
+    for col in ("layer", "lambda", "trace", "condition"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for name, r in report.items():
+        table.add_row(name, f"{r['lambda']:.3e}", f"{r['trace']:.3e}", f"{r['condition']:.2e}")
+    console.print(table)
+    bad = [n for n, r in report.items() if r["ill_conditioned"]]
+    if bad:
+        console.print(f"[yellow]warning:[/yellow] {len(bad)} block(s) have condition number > "
+                      f"{ILL_CONDITIONED:.0e} (e.g. {bad[0]}); consider a larger --damping")
+
+
+@app.command()
+def query(
+    store: str = typer.Argument(..., help="Gradient store with Fisher factors."),
+    queries: str = typer.Option(None, help="Query file (same formats and fields as a corpus: "
+                                           "text, prompt+completion or messages)."),
+    query_store: str = typer.Option(None, help="A store cached from the queries with the same "
+                                               "config (no model needed)."),
+    top_k: int = typer.Option(10, help="Training examples to report per query (and token)."),
+    per_token: bool = typer.Option(False, help="Also the top-k of each target token of each "
+                                               "query (token-level influence)."),
+    out: str = typer.Option("influence.jsonl", help="Output JSONL, one line per query."),
+    matrix: str = typer.Option(None, help="Also write the full [queries, n] score matrix to "
+                                          "this Zarr array path."),
+    model: str = typer.Option(None, help="Model path, if it moved since the store was made "
+                                         "(it must be the same weights)."),
+) -> None:
+    """Top-k most influential training examples for each query (and each query token)."""
+    from grass_llm.influence.cli_query import run_query
+    from grass_llm.store import StoreError
+
+    try:
+        run_query(console, store, queries=queries, query_store=query_store, top_k=top_k,
+                  per_token=per_token, out=out, matrix=matrix, model=model)
+    except (StoreError, ValueError, FileNotFoundError) as err:
+        _fail(err)
+
+
+@app.command("self-influence")
+def self_influence_cmd(
+    store: str = typer.Argument(..., help="Gradient store with Fisher factors."),
+    out: str = typer.Option("self_influence.jsonl", help="Output JSONL, one line per example."),
+    show: int = typer.Option(10, help="Print the examples with the highest self-influence."),
+) -> None:
+    """s(i, i) for every training example: high values flag outliers and mislabeled data."""
+    import json
+
+    from grass_llm.influence import self_influence
+    from grass_llm.influence.query import snippet, training_texts
+    from grass_llm.store import StoreError, open_store
+
+    try:
+        st = open_store(store)
+        scores = self_influence(st)
+    except (StoreError, ValueError) as err:
+        _fail(err)
+    ids = [str(i) for i in st.example_ids()]
+    with open(out, "w") as f:
+        for i, (ex, sc) in enumerate(zip(ids, scores)):
+            f.write(json.dumps({"index": i, "id": ex, "self_influence": float(sc)}) + "\n")
+    texts = training_texts(st)
+    table = Table(title=f"highest self-influence of {len(ids):,} examples (all in {out})")
+    for col in ("rank", "id", "self-influence", "text"):
+        table.add_column(col)
+    for r, i in enumerate(np.argsort(-scores)[:show]):
+        table.add_row(str(r + 1), ids[i], f"{scores[i]:.4g}", snippet(texts, ids[i], 80) or "")
+    console.print(table)
+
+
+@app.command()
+def value(
+    store: str = typer.Argument(..., help="Gradient store with Fisher factors."),
+    targets: str = typer.Option(None, help="Target set file (corpus format)."),
+    target_store: str = typer.Option(None, help="A store cached from the targets."),
+    select: float = typer.Option(None, help="Write the ids of this top fraction (0-1]."),
+    out: str = typer.Option("values.jsonl", help="Output JSONL, ranked, one line per example."),
+    select_out: str = typer.Option("selected_ids.txt", help="Where --select writes the ids."),
+    model: str = typer.Option(None, help="Model path, if it moved since the store was made."),
+) -> None:
+    """Data valuation: each training example's total influence on a target set, ranked."""
+    import json
+
+    from grass_llm.influence import from_file, from_store, valuation
+    from grass_llm.store import StoreError, open_store
+
+    if (targets is None) == (target_store is None):
+        _fail(ValueError("give exactly one of --targets or --target-store"))
+    if select is not None and not 0 < select <= 1:
+        _fail(ValueError(f"--select must be in (0, 1], got {select}"))
+    try:
+        st = open_store(store)
+        q = (from_store(st, open_store(target_store)) if target_store
+             else from_file(st, targets, model_path=model))
+        values = valuation(st, q.grads)
+    except (StoreError, ValueError, FileNotFoundError) as err:
+        _fail(err)
+    ids = [str(i) for i in st.example_ids()]
+    order = np.argsort(-values, kind="stable")
+    with open(out, "w") as f:
+        for r, i in enumerate(order):
+            f.write(json.dumps({"rank": r + 1, "index": int(i), "id": ids[i],
+                                "value": float(values[i])}) + "\n")
+    msg = f"valued {len(ids):,} examples against {len(q.ids)} target(s): {out}"
+    if select is not None:
+        n_sel = max(1, int(round(select * len(ids))))
+        with open(select_out, "w") as f:
+            f.writelines(ids[i] + "\n" for i in order[:n_sel])
+        msg += f"; top {n_sel} ids in {select_out}"
+    console.print(msg, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -67,8 +67,9 @@ class RunConfig:
     """Examples per store chunk: the unit of writing and of resume."""
     store_dtype: str = "float16"
     """Storage dtype of gradient rows: float16, bfloat16 or float32."""
-    codec: str = "zstd"
-    """Chunk compression: zstd or none (a CRC32C checksum is always added)."""
+    codec: str = "none"
+    """Chunk compression: none or zstd (a CRC32C checksum is always added; zstd saves ~7% on
+    gradient rows and reads ~3x slower)."""
     nonfinite: str = "fail"
     """A NaN/Inf gradient row: ``fail`` (stop, naming the example) or ``record`` (store zeros,
     flag the row)."""

@@ -75,7 +75,8 @@ def test_streaming_top_k_equals_full_sort(tmp_path, backend, k):
     order = np.argsort(-full, axis=1, kind="stable")[:, :k_eff]
     assert vals.shape == (4, k_eff)
     np.testing.assert_array_equal(idx, order)
-    np.testing.assert_allclose(vals, np.take_along_axis(full, order, 1), rtol=1e-10)
+    # per-layer GEMMs run in float32 (rows are stored in at most 32 bits): ~1e-7 relative
+    np.testing.assert_allclose(vals, np.take_along_axis(full, order, 1), rtol=1e-5)
 
 
 def test_top_k_backends_agree_with_ties_and_unfilled_slots():
@@ -99,7 +100,9 @@ def test_self_influence_and_valuation_match_the_full_matrix(tmp_path):
     full = sum(pre[x.name].numpy() @ raw(store, x.name).T for x in LAYERS)
     np.testing.assert_allclose(self_influence(store), np.diag(full), rtol=1e-9)
     targets = {k: v[[2, 5, 11]] for k, v in q.grads.items()}
-    np.testing.assert_allclose(valuation(store, targets), full[[2, 5, 11]].sum(0), rtol=1e-9)
+    # valuation scores through the float32 chunk GEMM (see above): 1e-5 relative
+    np.testing.assert_allclose(valuation(store, targets), full[[2, 5, 11]].sum(0), rtol=1e-5,
+                               atol=1e-6 * np.abs(full).max())
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +219,23 @@ def test_compressed_influence_tracks_exact_influence_and_improves_with_k(tmp_pat
     print("Spearman vs exact influence, k = 16, 64, 256:", [round(r, 3) for r in rho])
     assert rho[0] > 0.2 and rho[2] > 0.65
     assert rho[0] < rho[1] < rho[2]
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
+def test_fused_fp16_numba_scores_equal_torch_scores(tmp_path):
+    from grass_llm.influence.score import chunk_scores
+
+    url = str(tmp_path / "h.zarr")
+    store = create_store(url, StoreLayout(n_examples=9, layers=LAYERS, chunk_rows=5,
+                                          dtype="float16"), {"config": {}})
+    rng = np.random.default_rng(1)
+    for c in store.pending_chunks():
+        a, b = store.layout.chunk_range(c)
+        store.write_chunk(c, {x.name: rng.standard_normal((b - a, x.k)) for x in LAYERS},
+                          [f"e{i}" for i in range(a, b)], [1] * (b - a), [0.0] * (b - a))
+    pre = {x.name: torch.randn(3, x.k, dtype=torch.float64) for x in LAYERS}
+    for c in range(store.layout.n_chunks):
+        # both accumulate float32 products of the same decoded values: ~1e-7 relative
+        np.testing.assert_allclose(chunk_scores(store, pre, c, backend="numba"),
+                                   chunk_scores(store, pre, c, backend="torch"), rtol=1e-5,
+                                   atol=1e-6)

@@ -10,6 +10,7 @@ sort). Shapes: Q queries, R rows of a chunk, K top-k size.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -39,9 +40,28 @@ try:
                         if vals[q, j] < vals[q, mpos]:
                             mpos = j
 
+    @numba.njit(parallel=True, cache=True, fastmath=True)
+    def _fp16_scores_numba(q, g_bits, lut):  # pragma: no cover - compiled
+        Q, K = q.shape
+        R = g_bits.shape[0]
+        out = np.zeros((Q, R))
+        for r in numba.prange(R):
+            acc = np.zeros(Q, dtype=np.float32)
+            for j in range(K):
+                v = lut[g_bits[r, j]]
+                for t in range(Q):
+                    acc[t] += q[t, j] * v
+            for t in range(Q):
+                out[t, r] = acc[t]
+        return out
+
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover
     HAVE_NUMBA = False
+
+
+# float16 bit pattern -> float32 value, for the fused decode-and-score kernel
+_HALF_LUT = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
 class TopK:
@@ -77,27 +97,62 @@ class TopK:
         return (np.take_along_axis(self.vals, order, 1), np.take_along_axis(self.idx, order, 1))
 
 
-def chunk_scores(store: GradientStore, pre: dict[str, torch.Tensor], c: int) -> np.ndarray:
-    """Scores of all queries against row chunk c: ``[Q, R]`` float64."""
+def fetch_chunk(store: GradientStore, names, c: int, backend: str = "torch") -> dict:
+    """Row chunk c of every layer, ready to score: float32 tensors (torch backend) or the raw
+    float16 bit patterns (the fused Numba backend)."""
     a, b = store.layout.chunk_range(c)
+    if backend == "numba" and HAVE_NUMBA and store.layout.dtype == "float16":
+        return {n: store.read_raw(n, a, b).view(np.uint16) for n in names}
+    return {n: store.read_rows_torch(n, a, b) for n in names}
+
+
+def score_rows(pre32: dict[str, torch.Tensor], rows: dict) -> np.ndarray:
+    """``sum_l q~_l @ g_l^T`` for one fetched chunk: ``[Q, R]`` float64 (layer sum in float64)."""
     total = None
-    for name, q in pre.items():
-        g = torch.from_numpy(store.read_rows(name, a, b)).double()
-        s = q @ g.T
+    for name, q in pre32.items():
+        g = rows[name]
+        s = (_fp16_scores_numba(q.numpy(), g, _HALF_LUT) if isinstance(g, np.ndarray)
+             else (q @ g.T).double().numpy())
         total = s if total is None else total + s
-    return total.numpy()
+    return total
+
+
+def chunk_scores(store: GradientStore, pre: dict[str, torch.Tensor], c: int, *,
+                 backend: str = "torch") -> np.ndarray:
+    """Scores of all queries against row chunk c: ``[Q, R]`` float64.
+
+    Each layer's GEMM runs in float32 on the decoded rows (the rows are stored in at most 32
+    bits); the sum over layers is float64. ``backend="numba"`` decodes float16 rows and
+    accumulates in one fused pass instead (slower than torch here: tools/bench_query.py).
+    """
+    pre32 = {n: q.float() for n, q in pre.items()}
+    return score_rows(pre32, fetch_chunk(store, list(pre32), c, backend))
+
+
+def _prefetched(store: GradientStore, names, backend: str):
+    """Yield ``(c, rows)`` for every chunk, reading chunk c + 1 in a thread while chunk c is
+    scored: Zarr's file reads, checksums and dtype conversion release the GIL."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        n = store.layout.n_chunks
+        nxt = pool.submit(fetch_chunk, store, names, 0, backend) if n else None
+        for c in range(n):
+            rows = nxt.result()
+            if c + 1 < n:
+                nxt = pool.submit(fetch_chunk, store, names, c + 1, backend)
+            yield c, rows
 
 
 def stream_top_k(store: GradientStore, pre: dict[str, torch.Tensor], k: int, *,
-                 matrix_out=None, backend: str = "auto",
+                 matrix_out=None, backend: str = "auto", score_backend: str = "torch",
                  progress: Callable[[int, int], None] | None = None):
     """Top-k training rows per query over the whole store; optionally every score into
     ``matrix_out`` (a ``[Q, n]`` array-like, e.g. a chunked Zarr array)."""
     _check_complete(store)
-    n_q = next(iter(pre.values())).shape[0]
+    pre32 = {n: q.float() for n, q in pre.items()}
+    n_q = next(iter(pre32.values())).shape[0]
     top = TopK(n_q, min(k, store.n_examples), backend)
-    for c in range(store.layout.n_chunks):
-        s = chunk_scores(store, pre, c)
+    for c, rows in _prefetched(store, list(pre32), score_backend):
+        s = score_rows(pre32, rows)
         a, b = store.layout.chunk_range(c)
         if matrix_out is not None:
             matrix_out[:, a:b] = s.astype(np.float32)
@@ -128,11 +183,11 @@ def valuation(store: GradientStore, target_grads: dict[str, torch.Tensor], *,
     """``v_i = sum_q s(q, i)``: one preconditioned summed target gradient, one pass: ``[n]``."""
     _check_complete(store)
     summed = {k: v.double().sum(0, keepdim=True) for k, v in target_grads.items()}
-    pre = precondition(load_factors(store), summed)
+    pre32 = {n: q.float() for n, q in precondition(load_factors(store), summed).items()}
     out = np.zeros(store.n_examples)
-    for c in range(store.layout.n_chunks):
+    for c, rows in _prefetched(store, list(pre32), "torch"):
         a, b = store.layout.chunk_range(c)
-        out[a:b] = chunk_scores(store, pre, c)[0]
+        out[a:b] = score_rows(pre32, rows)[0]
         if progress is not None:
             progress(c + 1, store.layout.n_chunks)
     return out

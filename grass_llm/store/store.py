@@ -177,6 +177,7 @@ class GradientStore:
         self.identity = self.attrs["identity"]
         self.meta = self.attrs.get("meta", {})
         self._local_root = _local_root(self.group)
+        self._arrays: dict[str, zarr.Array] = {}
 
     # --------------------------------------------------------------------------- reading
     @property
@@ -198,7 +199,7 @@ class GradientStore:
 
     def read_rows(self, layer: str, start: int, stop: int) -> np.ndarray:
         """Gradient rows ``[stop - start, k]`` of one layer as float32."""
-        return self._decode(self.group[f"grads/{layer}"][start:stop])
+        return self._decode(self.array(f"grads/{layer}")[start:stop])
 
     def read_example_tokens(self, layer: str, i: int) -> np.ndarray:
         """Example i's per-token rows ``[n_tokens_i, k]`` of one layer as float32."""
@@ -213,6 +214,25 @@ class GradientStore:
             raise StoreError(f"{self.url} has no per-token rows (written without token mode)")
         s, e = self.layout.token_storage_range(c)
         return self._decode(self.group[f"tokens/{layer}"][s:e])
+
+    def array(self, name: str) -> zarr.Array:
+        """An array of the store, opened once (opening reads its metadata from storage)."""
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self._arrays[name] = self.group[name]
+        return arr
+
+    def read_raw(self, layer: str, start: int, stop: int) -> np.ndarray:
+        """Stored rows as they are on disk: float16, uint16 (bfloat16 bits) or float32."""
+        return self.array(f"grads/{layer}")[start:stop]
+
+    def read_rows_torch(self, layer: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[stop - start, k]`` as a float32 tensor, with one conversion pass at most."""
+        raw = self.read_raw(layer, start, stop)
+        if self.layout.dtype == "bfloat16":
+            return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float()
+        t = torch.from_numpy(raw)
+        return t if t.dtype == torch.float32 else t.float()
 
     def example_ids(self) -> np.ndarray:
         return self.group["example_id"][:]
@@ -265,7 +285,7 @@ class GradientStore:
                 rows[bad] = 0
         paths = []
         for name, rows in encoded.items():
-            self.group[f"grads/{name}"][a:b] = rows
+            self.array(f"grads/{name}")[a:b] = rows
             paths.append(f"grads/{name}/c/{c}/0")
         if tok_encoded is not None:
             paths += self._write_tokens(c, *tok_encoded)

@@ -177,13 +177,16 @@ def fisher(
     damping_mode: str = typer.Option("relative", help="relative or absolute."),
 ) -> None:
     """Fit the per-layer Fisher F = (1/n) sum g g^T (float64), damp it, store its Cholesky
-    factor, and report each block's damping and condition number."""
+    factor, and report each block's damping and condition number. Under torchrun / accelerate
+    launch the ranks split the rows and all-reduce the blocks."""
     from rich.progress import Progress
 
     from grass_llm.influence import compute_fisher
     from grass_llm.influence.fisher import ILL_CONDITIONED
+    from grass_llm.parallel import init_distributed
     from grass_llm.store import StoreError, open_store
 
+    info = init_distributed()  # under torchrun / accelerate launch the ranks split the rows
     try:
         st = open_store(store, mode="r+")
         with Progress(console=console, transient=True) as bar:
@@ -193,6 +196,8 @@ def fisher(
                                                   description=f"fisher {n}"))
     except (StoreError, ValueError) as err:
         _fail(err)
+    if not info.is_main:
+        return
     table = Table(title=f"Fisher blocks of {store} (damping {damping}, {damping_mode})")
     for col in ("layer", "lambda", "trace", "condition"):
         table.add_column(col, justify="left" if col == "layer" else "right")

@@ -243,3 +243,21 @@ def test_fused_fp16_numba_scores_equal_torch_scores(tmp_path):
         np.testing.assert_allclose(chunk_scores(store, pre, c, backend="numba"),
                                    chunk_scores(store, pre, c, backend="torch"), rtol=1e-5,
                                    atol=1e-6)
+
+
+def test_fisher_split_over_two_processes_equals_one(tiny_store, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.test_cache import ROOT, _env, _free_port
+
+    copy = str(tmp_path / "copy.zarr")
+    shutil.copytree(tiny_store, copy)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(_free_port()), "-m", "grass_llm", "fisher", copy]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    one, two = load_factors(open_store(tiny_store)), load_factors(open_store(copy))
+    for name in one:  # the same float64 sums, added in another order
+        torch.testing.assert_close(two[name], one[name], rtol=1e-10, atol=1e-12)

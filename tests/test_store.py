@@ -247,11 +247,15 @@ def test_info_prints_the_run_and_layers(tmp_path):
 
 
 def test_identities_change_exactly_when_their_subject_changes():
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     from grass_llm.models import tiny_model
-    from grass_llm.store.identity import dataset_fingerprint, model_identity, tokenizer_identity
+    from grass_llm.store.identity import (
+        dataset_fingerprint,
+        model_identity,
+        tokenizer_identity,
+    )
 
     a, b = tiny_model("llama", seed=0), tiny_model("llama", seed=0)
     assert model_identity(a) == model_identity(b)

@@ -26,6 +26,15 @@ def check_size(name: str, value: int, *, minimum: int = 1) -> int:
     return value
 
 
+def check_sizes(p: int, k: int) -> tuple[int, int]:
+    """Validate a vector compressor's ``p`` and ``k`` (both >= 1, k <= p)."""
+    check_size("p", p)
+    check_size("k", k)
+    if k > p:
+        raise ValueError(f"k={k} must be <= p={p}")
+    return p, k
+
+
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """float64 stays float64; every other float dtype accumulates in float32."""
     if t.dtype not in _FLOAT_DTYPES:

@@ -19,8 +19,13 @@ import math
 import numpy as np
 import torch
 
-from grass_llm.compress._hash import derive_seed, random_signs, sample_indices, standard_normal
-from grass_llm.compress.base import VectorCompressor, check_size
+from grass_llm.compress._hash import (
+    derive_seed,
+    random_signs,
+    sample_indices,
+    standard_normal,
+)
+from grass_llm.compress.base import VectorCompressor, check_sizes
 from grass_llm.compress.sparse import _DeviceCache
 
 #: dense maps with at most this many entries are generated once and cached (256 MiB in float64)
@@ -33,10 +38,7 @@ class _DenseJL(VectorCompressor):
     """A dense ``[k, p]`` map whose entries are a function of (key, counter)."""
 
     def __init__(self, p: int, k: int, seed: int = 0):
-        self.p = check_size("p", p)
-        self.k = check_size("k", k)
-        if k > p:
-            raise ValueError(f"k={k} must be <= p={p}")
+        self.p, self.k = check_sizes(p, k)
         self.seed = seed
         self._key = derive_seed(seed, self.name)
         self._cache = (_DeviceCache(self._block(0, p)) if k * p <= CACHE_ENTRIES else None)
@@ -106,10 +108,7 @@ class FJLT(VectorCompressor):
     name = "fjlt"
 
     def __init__(self, p: int, k: int, seed: int = 0):
-        self.p = check_size("p", p)
-        self.k = check_size("k", k)
-        if k > p:
-            raise ValueError(f"k={k} must be <= p={p}")
+        self.p, self.k = check_sizes(p, k)
         self.seed = seed
         self.n = 1 << max(0, (p - 1).bit_length())
         key = derive_seed(seed, "fjlt")

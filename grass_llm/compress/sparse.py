@@ -16,8 +16,13 @@ import math
 import numpy as np
 import torch
 
-from grass_llm.compress._hash import derive_seed, random_signs, sample_indices, uniform_index
-from grass_llm.compress.base import VectorCompressor, check_size
+from grass_llm.compress._hash import (
+    derive_seed,
+    random_signs,
+    sample_indices,
+    uniform_index,
+)
+from grass_llm.compress.base import VectorCompressor, check_size, check_sizes
 
 
 class _DeviceCache:
@@ -57,10 +62,7 @@ class RandomMask(VectorCompressor):
     name = "mask"
 
     def __init__(self, p: int, k: int, seed: int = 0, *, indices: np.ndarray | None = None):
-        self.p = check_size("p", p)
-        self.k = check_size("k", k)
-        if k > p:
-            raise ValueError(f"k={k} must be <= p={p}")
+        self.p, self.k = check_sizes(p, k)
         self.seed = seed
         if indices is None:
             indices = sample_indices(p, k, derive_seed(seed, "mask"))

@@ -49,8 +49,9 @@ def _utf8_reason(err: UnicodeDecodeError, line_offset: int, decoded_from: int = 
             f"(byte {at - line_offset} of the line); re-encode the file as UTF-8")
 
 
-def read_jsonl(path: Path, collector: RecordCollector) -> None:
-    """Reads one JSON object per line; blank lines are ignored (and take no record index)."""
+def _text_lines(path: Path, collector: RecordCollector):
+    """Yield ``(record index, location, decoded line)`` for each non-blank line; a line that is
+    not UTF-8 is reported to the collector (and still takes its record index)."""
     index = 0
     for lineno, offset, raw in _lines(path):
         if not raw.strip():
@@ -58,30 +59,26 @@ def read_jsonl(path: Path, collector: RecordCollector) -> None:
         location = f"{path}:{lineno}"
         index += 1
         try:
-            value = json.loads(raw.decode("utf-8"))
+            yield index - 1, location, raw.decode("utf-8")
         except UnicodeDecodeError as err:
             collector.problem(location, _utf8_reason(err, offset, offset))
-            continue
+
+
+def read_jsonl(path: Path, collector: RecordCollector) -> None:
+    """Reads one JSON object per line; blank lines are ignored (and take no record index)."""
+    for index, location, text in _text_lines(path, collector):
+        try:
+            value = json.loads(text)
         except json.JSONDecodeError as err:
             collector.problem(location, f"invalid JSON: {err.msg} (column {err.colno})")
             continue
-        collector.add(index - 1, value, location)
+        collector.add(index, value, location)
 
 
 def read_text_lines(path: Path, collector: RecordCollector) -> None:
     """Reads one document per non-blank line as ``{"text": line}`` (line ending removed)."""
-    index = 0
-    for lineno, offset, raw in _lines(path):
-        if not raw.strip():
-            continue
-        location = f"{path}:{lineno}"
-        index += 1
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            collector.problem(location, _utf8_reason(err, offset, offset))
-            continue
-        collector.add(index - 1, {"text": text}, location)
+    for index, location, text in _text_lines(path, collector):
+        collector.add(index, {"text": text}, location)
 
 
 def _decode_file(path: Path, location: str) -> str:

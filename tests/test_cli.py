@@ -49,3 +49,13 @@ def test_example_quality_is_real():
     for r in results:
         assert r.pearson > 0.5, r
     assert abs(by["FactGraSS"].pearson - by["LoGra"].pearson) < 0.2
+
+
+def test_every_command_has_help():
+    commands = ["compressors", "example", "demo", "cache", "config-help", "fisher", "query",
+                "self-influence", "value", "info", "verify"]
+    res = runner.invoke(app, ["--help"], terminal_width=200)
+    for cmd in commands:
+        assert cmd in res.output
+        sub = runner.invoke(app, [cmd, "--help"], terminal_width=200)
+        assert sub.exit_code == 0 and "Usage" in sub.output, cmd

@@ -21,6 +21,12 @@ app = typer.Typer(
 console = Console()
 
 
+def _fail(err: Exception) -> None:
+    """A user-facing error: one line, exit code 2."""
+    console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2) from err
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -157,8 +163,7 @@ def cache(
         cfg = load_config(config, list(set_) + (["overwrite=true"] if overwrite else []))
         summary = run_cache(cfg, progress=not quiet)
     except (ValueError, StoreError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from err
+        _fail(err)
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:
@@ -190,15 +195,6 @@ def config_help() -> None:
                              else f.default_factory()))
         table.add_row(f.name, default, docs.get(f.name, ""))
     console.print(table)
-
-
-def _fail(err: Exception) -> None:
-    console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2) from err
-
-
-def _chunk_progress(bar, task):
-    return lambda done, total: bar.update(task, total=total, completed=done)
 
 
 @app.command()
@@ -352,8 +348,7 @@ def info(store: str = typer.Argument(..., help="Path or fsspec URL of a gradient
     try:
         st = open_store(store)
     except StoreError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from err
+        _fail(err)
     lay = st.layout
     done = st.done_chunks()
     console.print(f"[bold]{store}[/bold]: grass_llm gradient store, format v"

@@ -210,9 +210,7 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, tokenizer: str 
                                  f"(AutoModelForCausalLM cannot load it): {err}") from err
             raise
     if tokenizer is not None:
-        from transformers import AutoTokenizer as _AT
-
-        tok = _AT.from_pretrained(tokenizer)
+        tok = AutoTokenizer.from_pretrained(tokenizer)
     if adapter is not None:
         model = apply_adapter(model, adapter)
         name = f"{name} + adapter {adapter}"

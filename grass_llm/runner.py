@@ -117,7 +117,8 @@ def _token_counts(examples, token_mode) -> tuple[int, ...] | None:
     return tuple(int(sum(1 for lab in e.labels[1:] if lab != -100)) for e in examples)
 
 
-def _open(cfg, info, examples, skipped, model, tok, name, capture):
+def _describe(cfg, examples, skipped, model, tok, name, capture) -> tuple[StoreLayout, dict]:
+    """The store's layout and self-description (hashes every weight: rank 0 only)."""
     ident_cfg = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IDENTITY}
     meta = {
         "config": ident_cfg,
@@ -136,9 +137,15 @@ def _open(cfg, info, examples, skipped, model, tok, name, capture):
     layout = StoreLayout(n_examples=len(examples), layers=layers, chunk_rows=cfg.chunk_rows,
                          dtype=cfg.store_dtype, codec=cfg.codec, token_mode=cfg.token_mode,
                          token_counts=_token_counts(examples, cfg.token_mode))
+    return layout, meta
+
+
+def _open(cfg, info, examples, skipped, model, tok, name, capture):
+    """Rank 0 creates (or reopens to resume) the store; after a barrier the others open it."""
     err, store = None, None
     if info.is_main:
         try:
+            layout, meta = _describe(cfg, examples, skipped, model, tok, name, capture)
             store = create_store(cfg.out, layout, meta, overwrite=cfg.overwrite)
         except (StoreError, ValueError) as e:
             err = e
@@ -226,7 +233,7 @@ class _Loop:
         n_steps = max(len(p) for p in self.plans) if self.setup.lockstep else len(mine)
         filler = [int(np.argmin(self.lengths))]
         buffers: dict[int, dict] = {}
-        remaining = {c: sum(len(ix) for cc, ix in mine if cc == c) for c, _ in mine}
+        remaining = {c: len(range(*self.store.layout.chunk_range(c))) for c, _ in mine}
         tokens, written, examples = 0, 0, 0
         n_mine = sum(len(ix) for _, ix in mine)
         bar = _bar(self.progress, int(sum(self.lengths[ix].sum() for _, ix in mine)))

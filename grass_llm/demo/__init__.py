@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from grass_llm.config import RunConfig
+from grass_llm.data import read_records
 from grass_llm.influence import (
     compute_fisher,
     from_file,
@@ -23,7 +24,6 @@ from grass_llm.influence import (
     stream_top_k,
 )
 from grass_llm.influence.query import snippet, training_texts
-from grass_llm.models import load_model
 from grass_llm.report import DocScore, QueryReport, TokenScore, render_report
 from grass_llm.runner import run_cache
 from grass_llm.store import open_store
@@ -39,12 +39,10 @@ def demo_config(out_dir: Path, compressor: str = DEFAULT_COMPRESSOR) -> RunConfi
                      chunk_rows=64, store_dtype="float16")
 
 
-def _token_reports(store, pre_tok, q, j, tok, top_doc, tok_top) -> list[TokenScore]:
+def _token_reports(store, pre_tok, q, j, top_doc, tok_top, ids, texts) -> list[TokenScore]:
     """Each response token's score against the query's top document (these add up to the
     document's score), with the token's own top-3 documents as tooltip."""
     a, b = int(q.offsets[j]), int(q.offsets[j + 1])
-    ids = [str(x) for x in store.example_ids()]
-    texts = training_texts(store)
     contrib = np.zeros(b - a)
     for name, pre in pre_tok.items():
         g = torch.from_numpy(store.read_rows(name, top_doc, top_doc + 1)).double()[0]
@@ -52,11 +50,10 @@ def _token_reports(store, pre_tok, q, j, tok, top_doc, tok_top) -> list[TokenSco
     tv, ti = tok_top
     out = []
     for r in range(a, b):
-        pos = int(q.positions[r])
         own = "; ".join(f"{ids[i]} ({v:.3g}): {snippet(texts, ids[i], 60)}"
                         for v, i in zip(tv[r], ti[r]) if i >= 0)
         score = float(contrib[r - a])
-        out.append(TokenScore(tok.decode([q.token_ids[j][pos]]), score,
+        out.append(TokenScore(q.token_texts[r], score,
                               f"score vs top example {score:.3g} | own top: {own}"))
     return out
 
@@ -82,17 +79,14 @@ def run_demo(out_dir: str | Path = "grass-llm-demo", *, compressor: str = DEFAUL
     pre_t = precondition(factors, q.tokens)
     vals, idx = stream_top_k(store, pre_q, top_k)
     tok_top = stream_top_k(store, pre_t, 3)
-    _, tok, _ = load_model("smollm2")
-    import json
-
-    prompts = {json.loads(line)["id"]: json.loads(line)["prompt"] for line in open(QUERIES)}
+    prompts = {r.id: r.fields.get("prompt", "") for r in read_records(str(QUERIES)).records}
     ids = [str(x) for x in store.example_ids()]
     texts = training_texts(store)
     reports = []
     for j, qid in enumerate(q.ids):
         top = [DocScore(r + 1, ids[i], float(v), snippet(texts, ids[i], 200))
                for r, (v, i) in enumerate(zip(vals[j], idx[j])) if i >= 0]
-        tokens = _token_reports(store, pre_t, q, j, tok, int(idx[j, 0]), tok_top)
+        tokens = _token_reports(store, pre_t, q, j, int(idx[j, 0]), tok_top, ids, texts)
         reports.append(QueryReport(qid, prompts.get(qid, ""), tokens, top))
     say("4/4 writing the report")
     html = render_report(reports, meta={

@@ -47,13 +47,6 @@ def run_query(console, store_url: str, *, queries: str | None, query_store: str 
     if per_token:
         pre_tok = precondition(factors, q.tokens)
         tok_results = stream_top_k(store, pre_tok, top_k)
-    tok = None
-    if per_token:
-        from grass_llm.models import load_model
-
-        cfg = store.meta["config"]
-        _, tok, _ = load_model(model or cfg["model"], tokenizer=cfg.get("tokenizer"),
-                               seed=cfg.get("seed", 0))
     with open(out, "w") as f:
         for j, qid in enumerate(q.ids):
             line = {"query": qid, "top": _entries(vals[j], idx[j], ids, texts)}
@@ -61,9 +54,7 @@ def run_query(console, store_url: str, *, queries: str | None, query_store: str 
                 tv, ti = tok_results
                 rows = []
                 for r in range(int(q.offsets[j]), int(q.offsets[j + 1])):
-                    pos = int(q.positions[r])
-                    rows.append({"position": pos,
-                                 "token": tok.decode([q.token_ids[j][pos]]),
+                    rows.append({"position": int(q.positions[r]), "token": q.token_texts[r],
                                  "top": _entries(tv[r], ti[r], ids, texts)})
                 line["tokens"] = rows
             f.write(json.dumps(line, ensure_ascii=False) + "\n")

@@ -44,10 +44,7 @@ def compute_fisher(store: GradientStore, *, damping: float = 0.1, mode: str = "r
         raise ValueError(f"damping mode must be one of {DAMPING_MODES}, got {mode!r}")
     if not damping > 0:
         raise ValueError(f"damping must be > 0, got {damping}")
-    done = store.done_chunks()
-    if not done.all():
-        raise StoreError(f"{store.url} is incomplete ({int((~done).sum())} chunks missing); "
-                         "finish `grass-llm cache` first")
+    store.require_complete()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = list(range(rank, store.layout.n_chunks, world))
     n = store.n_examples

@@ -25,7 +25,7 @@ class QueryGrads:
     tokens: dict[str, torch.Tensor] | None = None  # {layer: [N, K]} one row per target token
     offsets: np.ndarray | None = None  # [Q + 1]
     positions: np.ndarray | None = None  # [N] label position of each token row
-    token_ids: list[list[int]] | None = None  # each query's input ids
+    token_texts: list[str] | None = None  # [N] the decoded target token of each token row
 
 
 def check_same_maps(store: GradientStore, layers: dict[str, tuple[str, int, int]], what: str):
@@ -99,12 +99,14 @@ def from_file(store: GradientStore, path: str, *, per_token: bool = False,
             if per_token:
                 counts.append(rows.shape[0])
                 positions.append(out.positions.numpy())
-    q = QueryGrads([e.id for e in examples], {n: torch.cat(v) for n, v in grads.items()},
-                   token_ids=[e.input_ids for e in examples])
+    q = QueryGrads([e.id for e in examples], {n: torch.cat(v) for n, v in grads.items()})
     if per_token:
         q.tokens = {n: torch.cat(v) for n, v in tokens.items()}
         q.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         q.positions = np.concatenate(positions)
+        q.token_texts = [tok.decode([ex.input_ids[int(p)]])
+                         for ex, n, a in zip(examples, counts, q.offsets[:-1])
+                         for p in q.positions[a:a + n]]
     return q
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from grass_llm.influence.fisher import load_factors, precondition
-from grass_llm.store import GradientStore, StoreError
+from grass_llm.store import GradientStore
 
 try:
     import numba
@@ -147,7 +147,7 @@ def stream_top_k(store: GradientStore, pre: dict[str, torch.Tensor], k: int, *,
                  progress: Callable[[int, int], None] | None = None):
     """Top-k training rows per query over the whole store; optionally every score into
     ``matrix_out`` (a ``[Q, n]`` array-like, e.g. a chunked Zarr array)."""
-    _check_complete(store)
+    store.require_complete()
     pre32 = {n: q.float() for n, q in pre.items()}
     n_q = next(iter(pre32.values())).shape[0]
     top = TopK(n_q, min(k, store.n_examples), backend)
@@ -164,7 +164,7 @@ def stream_top_k(store: GradientStore, pre: dict[str, torch.Tensor], k: int, *,
 
 def self_influence(store: GradientStore, *, progress=None) -> np.ndarray:
     """``s(i, i) = sum_l g_il^T (F_l + lambda_l I)^-1 g_il`` for every row: ``[n]``."""
-    _check_complete(store)
+    store.require_complete()
     factors = load_factors(store)
     out = np.zeros(store.n_examples)
     for c in range(store.layout.n_chunks):
@@ -181,7 +181,7 @@ def self_influence(store: GradientStore, *, progress=None) -> np.ndarray:
 def valuation(store: GradientStore, target_grads: dict[str, torch.Tensor], *,
               progress=None) -> np.ndarray:
     """``v_i = sum_q s(q, i)``: one preconditioned summed target gradient, one pass: ``[n]``."""
-    _check_complete(store)
+    store.require_complete()
     summed = {k: v.double().sum(0, keepdim=True) for k, v in target_grads.items()}
     pre32 = {n: q.float() for n, q in precondition(load_factors(store), summed).items()}
     out = np.zeros(store.n_examples)
@@ -191,10 +191,3 @@ def valuation(store: GradientStore, target_grads: dict[str, torch.Tensor], *,
         if progress is not None:
             progress(c + 1, store.layout.n_chunks)
     return out
-
-
-def _check_complete(store: GradientStore) -> None:
-    done = store.done_chunks()
-    if not done.all():
-        raise StoreError(f"{store.url} is incomplete ({int((~done).sum())} chunks missing); "
-                         "finish `grass-llm cache` first")

@@ -192,6 +192,13 @@ class GradientStore:
         """``[n_chunks]`` bool: which row chunks are complete."""
         return self.group["chunk_done"][:].astype(bool)
 
+    def require_complete(self) -> None:
+        """Raise StoreError unless every row chunk is written (Fisher and scores need all)."""
+        done = self.done_chunks()
+        if not done.all():
+            raise StoreError(f"{self.url} is incomplete ({int((~done).sum())} chunks missing); "
+                             "finish `grass-llm cache` first")
+
     def pending_chunks(self, rank: int = 0, world_size: int = 1) -> list[int]:
         """Incomplete chunks assigned to ``rank`` (round robin), in order."""
         done = self.done_chunks()

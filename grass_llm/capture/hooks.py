@@ -220,12 +220,14 @@ class GradientCapture:
                                    "the layer called twice in one forward?)")
             d = _local(grad).detach()
             d = d if d.dim() == 3 else d.unsqueeze(1)
-            if isinstance(comp, FactorizedCompressor):
+            if isinstance(comp, FactorizedCompressor) and reduce_out:
+                # LoGra on a colwise shard: P_out delta is a sum over the group
                 df = op.output_features(d)
-                if reduce_out:  # LoGra on a colwise shard: P_out delta is a sum over the group
-                    dist.all_reduce(df, group=self.tp_group)
+                dist.all_reduce(df, group=self.tp_group)
                 res = (op.combine_per_token(feats, df) if per_position
                        else op.combine(feats, df))
+            elif isinstance(comp, FactorizedCompressor):
+                res = op.reduce(feats, d, per_position)  # fused kernel where there is one
             else:
                 res = _materialized(comp, feats, d.to(compute_dtype(d)), per_position)
             if name in self._results:

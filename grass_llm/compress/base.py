@@ -97,6 +97,14 @@ class VectorCompressor(Compressor):
         return g_BP.to(compute_dtype(g_BP))
 
 
+def reduce_unfused(op, xf_BTK: torch.Tensor, delta_BTO: torch.Tensor,
+                   per_token: bool) -> torch.Tensor:
+    """``combine`` (or ``combine_per_token``) of ``op.output_features(delta)``: the backward
+    half for maps with no fused kernel (factorized compressors and their shard views)."""
+    df = op.output_features(delta_BTO)
+    return op.combine_per_token(xf_BTK, df) if per_token else op.combine(xf_BTK, df)
+
+
 class FactorizedCompressor(Compressor):
     """Compresses the per-example gradient ``G = sum_t delta_t x_t^T`` of a Linear layer.
 
@@ -149,6 +157,13 @@ class FactorizedCompressor(Compressor):
     @abc.abstractmethod
     def combine(self, xf_BTK: torch.Tensor, df_BTK: torch.Tensor) -> torch.Tensor:
         """``sum_t df_t xf_t^T`` reduced to the output: ``[B, K]``."""
+
+    def reduce(self, xf_BTK: torch.Tensor, delta_BTO: torch.Tensor,
+               per_token: bool = False) -> torch.Tensor:
+        """The backward half in one call: stored input features and the raw output gradient
+        -> ``[B, K]`` (or ``[B, T, K]`` with ``per_token``). Subclasses with a fused kernel
+        override this to skip materializing ``output_features``."""
+        return reduce_unfused(self, xf_BTK, delta_BTO, per_token)
 
     def combine_per_token(self, xf_BTK: torch.Tensor, df_BTK: torch.Tensor) -> torch.Tensor:
         """Like ``combine`` but one row per token: ``[B, T, K]``."""

@@ -16,16 +16,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from grass_llm import kernels
 from grass_llm.compress._hash import derive_seed, sample_indices
 from grass_llm.compress.base import FactorizedCompressor, check_size, compute_dtype
 from grass_llm.compress.dense import Gaussian
 from grass_llm.compress.sparse import SJLT, _DeviceCache
-
-
-def _gather_last(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t[..., idx]``; a 2-D gather along dim 1 is several times faster on CPU than on dim 2."""
-    flat = t.reshape(-1, t.shape[-1]).index_select(1, idx)
-    return flat.view(*t.shape[:-1], idx.numel())
+from grass_llm.kernels.reference import gather_last as _gather_last
 
 
 def _project_last(proj: Gaussian, t: torch.Tensor) -> torch.Tensor:
@@ -64,6 +60,8 @@ class FactGraSS(FactorizedCompressor):
         self.sjlt = SJLT(self.k_prime, k, c, derive_seed(key, "sjlt"))
         self._in = _DeviceCache(self.idx_in)
         self._out = _DeviceCache(self.idx_out)
+        self._all_in = _DeviceCache(np.arange(k_in, dtype=np.int64))
+        self._all_out = _DeviceCache(np.arange(k_out, dtype=np.int64))
 
     def spec_params(self) -> dict[str, object]:
         return {"k": self.k, "k_in": self.k_in, "k_out": self.k_out, "c": self.c}
@@ -92,9 +90,33 @@ class FactGraSS(FactorizedCompressor):
         out = _gather_last(delta_BTO, self._out.get(delta_BTO.device))
         return out.to(compute_dtype(delta_BTO))
 
+    # The fused kernel (grass_llm.kernels.factgrass) does gather + outer-product sum + SJLT in
+    # one call; the methods below feed it raw tensors or features, with identity indices for
+    # what is already gathered.
+    def _fused(self, x, d, idx_in, idx_out, per_token: bool) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x.new_zeros(*x.shape[:2 if per_token else 1], self.k,
+                               dtype=compute_dtype(x))
+        return kernels.factgrass(x, d, idx_in.get(x.device), idx_out.get(x.device),
+                                 *self.sjlt.csr.on(x.device), self.sjlt.scale, per_token)
+
+    def __call__(self, x_BTI: torch.Tensor, delta_BTO: torch.Tensor) -> torch.Tensor:
+        x, d = self._check(x_BTI, delta_BTO)
+        return self._fused(x, d, self._in, self._out, False)
+
+    def per_token(self, x_BTI: torch.Tensor, delta_BTO: torch.Tensor) -> torch.Tensor:
+        x, d = self._check(x_BTI, delta_BTO)
+        return self._fused(x, d, self._in, self._out, True)
+
+    def reduce(self, xf_BTK: torch.Tensor, delta_BTO: torch.Tensor,
+               per_token: bool = False) -> torch.Tensor:
+        return self._fused(xf_BTK, delta_BTO, self._all_in, self._out, per_token)
+
     def combine(self, xf_BTK: torch.Tensor, df_BTK: torch.Tensor) -> torch.Tensor:
-        m_BKK = torch.bmm(df_BTK.transpose(1, 2), xf_BTK)
-        return self.sjlt.apply_unchecked(m_BKK.reshape(m_BKK.shape[0], self.k_prime))
+        return self._fused(xf_BTK, df_BTK, self._all_in, self._all_out, False)
+
+    def combine_per_token(self, xf_BTK: torch.Tensor, df_BTK: torch.Tensor) -> torch.Tensor:
+        return self._fused(xf_BTK, df_BTK, self._all_in, self._all_out, True)
 
     def dense_matrix(self) -> torch.Tensor:
         p = self.d_out * self.d_in_eff

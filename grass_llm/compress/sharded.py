@@ -18,14 +18,13 @@ A replicated bias (rowwise layers) is counted by one rank only (``own_bias``).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-from grass_llm.compress.base import compute_dtype
+from grass_llm import kernels
+from grass_llm.compress.base import compute_dtype, reduce_unfused
 from grass_llm.compress.factorized import FactGraSS, LoGra, _gather_last
-from grass_llm.compress.sparse import _DeviceCache
+from grass_llm.compress.sparse import CsrTables, _DeviceCache
 
 
 def _check_range(name: str, rng: tuple[int, int], size: int) -> tuple[int, int]:
@@ -54,10 +53,12 @@ class FactGraSSShard:
         self.n_out, self.n_in = a_sel.size, b_sel.size
         self._out = _DeviceCache(full.idx_out[a_sel] - o0)
         self._in = _DeviceCache(full.idx_in[b_sel[: self.n_in - int(self.with_bias)]] - i0)
+        # The owned block of M, flattened, goes through the SJLT columns of its global
+        # positions: a sub-table, in the CSR form the kernel takes.
         flat = (a_sel[:, None] * full.k_in + b_sel[None, :]).reshape(-1)
-        self._rows = _DeviceCache(np.ascontiguousarray(full.sjlt.rows[:, flat]))
-        self._signs = _DeviceCache(np.ascontiguousarray(full.sjlt.signs[:, flat]))
-        self._scale = 1.0 / math.sqrt(full.c)
+        self._csr = CsrTables(full.sjlt.rows[:, flat], full.sjlt.signs[:, flat], full.k)
+        self._all_in = _DeviceCache(np.arange(self.n_in, dtype=np.int64))
+        self._all_out = _DeviceCache(np.arange(self.n_out, dtype=np.int64))
 
     def input_features(self, x_BTI: torch.Tensor) -> torch.Tensor:
         """Local x ``[B, T, i1 - i0]`` -> the owned mask columns ``[B, T, n_in]``."""
@@ -71,25 +72,23 @@ class FactGraSSShard:
         return _gather_last(delta_BTO, self._out.get(delta_BTO.device)).to(
             compute_dtype(delta_BTO))
 
+    def _fused(self, xf, d, idx_out: _DeviceCache, per_token: bool) -> torch.Tensor:
+        if self.n_out == 0 or self.n_in == 0 or xf.shape[0] == 0:
+            return xf.new_zeros(*xf.shape[:2 if per_token else 1], self.k)
+        return kernels.factgrass(xf, d, self._all_in.get(xf.device), idx_out.get(xf.device),
+                                 *self._csr.on(xf.device), self.full.sjlt.scale, per_token)
+
+    def reduce(self, xf_BTK: torch.Tensor, delta_BTO: torch.Tensor,
+               per_token: bool = False) -> torch.Tensor:
+        """This rank's partial compressed vectors from features and its raw delta slice."""
+        return self._fused(xf_BTK, delta_BTO, self._out, per_token)
+
     def combine(self, xf_BTK: torch.Tensor, df_BTK: torch.Tensor) -> torch.Tensor:
         """This rank's partial compressed vectors ``[B, k]``."""
-        B = xf_BTK.shape[0]
-        out = xf_BTK.new_zeros(B, self.k)
-        if self.n_out == 0 or self.n_in == 0:
-            return out
-        m = torch.bmm(df_BTK.transpose(1, 2), xf_BTK).reshape(B, -1)
-        rows = self._rows.get(m.device)
-        signs = self._signs.get(m.device, m.dtype)
-        for r in range(rows.shape[0]):
-            out.index_add_(1, rows[r], m * signs[r])
-        if rows.shape[0] > 1:
-            out.mul_(self._scale)
-        return out
+        return self._fused(xf_BTK, df_BTK, self._all_out, False)
 
     def combine_per_token(self, xf_BTK: torch.Tensor, df_BTK: torch.Tensor) -> torch.Tensor:
-        B, T = xf_BTK.shape[:2]
-        out = self.combine(xf_BTK.reshape(B * T, 1, -1), df_BTK.reshape(B * T, 1, -1))
-        return out.reshape(B, T, self.k)
+        return self._fused(xf_BTK, df_BTK, self._all_out, True)
 
 
 class LoGraShard:
@@ -132,6 +131,10 @@ class LoGraShard:
 
     def combine_per_token(self, xf_BTK: torch.Tensor, df_BTK: torch.Tensor) -> torch.Tensor:
         return self.full.combine_per_token(xf_BTK, df_BTK)
+
+    def reduce(self, xf_BTK: torch.Tensor, delta_BTO: torch.Tensor,
+               per_token: bool = False) -> torch.Tensor:
+        return reduce_unfused(self, xf_BTK, delta_BTO, per_token)
 
 
 def shard_compressor(full, out_range: tuple[int, int], in_range: tuple[int, int],

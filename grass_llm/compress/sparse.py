@@ -23,6 +23,7 @@ from grass_llm.compress._hash import (
     uniform_index,
 )
 from grass_llm.compress.base import VectorCompressor, check_size, check_sizes
+from grass_llm import kernels
 
 
 class _DeviceCache:
@@ -54,6 +55,39 @@ def sjlt_tables(p: int, k: int, c: int, key: int) -> tuple[np.ndarray, np.ndarra
         size = starts[r + 1] - starts[r]
         rows[r] = starts[r] + uniform_index(row_key, counters[r], size)
     return rows, random_signs(sign_key, counters)
+
+
+def sjlt_csr(rows: np.ndarray, signs: np.ndarray, k: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CSR of an SJLT's transpose, the form the kernels take (grass_llm/kernels).
+
+    Args:
+        rows: ``[c, n]`` output row of each (repetition, coordinate).
+        signs: ``[c, n]`` the matching signs.
+        k: number of outputs.
+
+    Returns:
+        ``indptr [k+1]`` (int64), ``src [c*n]`` (int64 coordinate) and ``sgn [c*n]`` (float32):
+        output j sums ``sgn[e] * v[src[e]]`` over ``e in [indptr[j], indptr[j+1])``, in
+        ascending (repetition, coordinate) order.
+    """
+    n = rows.shape[1]
+    flat = rows.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    indptr = np.zeros(k + 1, dtype=np.int64)
+    np.cumsum(np.bincount(flat, minlength=k), out=indptr[1:])
+    return indptr, (order % n).astype(np.int64), signs.reshape(-1)[order].astype(np.float32)
+
+
+class CsrTables:
+    """An SJLT's transpose CSR on every device it is used on (see ``sjlt_csr``)."""
+
+    def __init__(self, rows: np.ndarray, signs: np.ndarray, k: int):
+        self._parts = [_DeviceCache(a) for a in sjlt_csr(rows, signs, k)]
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        indptr, src, sgn = (p.get(device) for p in self._parts)
+        return indptr, src, sgn
 
 
 class RandomMask(VectorCompressor):
@@ -109,31 +143,23 @@ class SJLT(VectorCompressor):
         self.seed = seed
         rows, signs = sjlt_tables(p, k, c, derive_seed(seed, "sjlt"))
         self.rows, self.signs = rows, signs
-        self._rows = _DeviceCache(rows)
-        self._signs = _DeviceCache(signs)
-        self._scale = 1.0 / math.sqrt(c)
+        self.csr = CsrTables(rows, signs, k)
+        self.scale = 1.0 / math.sqrt(c)
 
     def spec_params(self) -> dict[str, object]:
         return {"k": self.k, "c": self.c}
 
     def apply_unchecked(self, g_BP: torch.Tensor) -> torch.Tensor:
-        rows = self._rows.get(g_BP.device)
-        signs = self._signs.get(g_BP.device, g_BP.dtype)
-        out = g_BP.new_zeros(g_BP.shape[0], self.k)
-        for r in range(self.c):
-            # index_add_ along dim 1 beat scatter_add_, a CSR matmul and a sorted segment sum
-            # on CPU for [16, 16384] -> 4096 (tools/bench_compress.py sizes).
-            out.index_add_(1, rows[r], g_BP * signs[r])
-        if self.c > 1:
-            out.mul_(self._scale)
-        return out
+        if g_BP.shape[0] == 0:
+            return g_BP.new_zeros(0, self.k)
+        return kernels.sjlt(g_BP, *self.csr.on(g_BP.device), self.scale)
 
     def dense_matrix(self) -> torch.Tensor:
         m = torch.zeros(self.k, self.p, dtype=torch.float64)
         cols = torch.arange(self.p)
         for r in range(self.c):
             m.index_put_((torch.from_numpy(self.rows[r]), cols),
-                         torch.from_numpy(self.signs[r]) * self._scale, accumulate=True)
+                         torch.from_numpy(self.signs[r]) * self.scale, accumulate=True)
         return m
 
 

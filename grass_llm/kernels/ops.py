@@ -1,0 +1,134 @@
+"""The kernels as torch custom ops, dispatched to the CUDA or CPU extension or the reference.
+
+Each op is a ``torch.library.custom_op`` with a ``register_fake`` (so it traces under
+``torch.compile`` and meta tensors). Its implementation checks the inputs (the same checks
+whichever backend runs, raising ValueError), then calls the extension when it is loaded and
+built for the tensor's device, and ``reference`` otherwise. Shapes: see ``reference``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from grass_llm.kernels import build, reference
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_warned_devices: set[str] = set()
+
+
+def _backend(t: Tensor):
+    """The extension if it can run on ``t``'s device, else None (the reference)."""
+    ext = build.extension()
+    if ext is None or t.device.type not in ("cpu", "cuda"):
+        return None
+    if t.is_cuda and not ext.with_cuda:
+        if "cuda" not in _warned_devices:
+            _warned_devices.add("cuda")
+            warnings.warn("grass_llm: the kernels were built without CUDA (no toolkit found "
+                          "at build time); CUDA tensors use the pure-torch reference",
+                          RuntimeWarning, stacklevel=3)
+        return None
+    return ext
+
+
+def backend_name(t: Tensor) -> str:
+    """``"cuda"``, ``"cpu"`` or ``"reference"``: what an op on ``t`` would run."""
+    ext = _backend(t)
+    return "reference" if ext is None else t.device.type
+
+
+def _check_data(t: Tensor, name: str, dim: int) -> None:
+    if t.dtype not in _FLOATS:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {list(t.shape)}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name}: empty batch (B = 0)")
+
+
+def _check_index(t: Tensor, name: str, dim: int, like: Tensor) -> None:
+    if t.dtype != torch.int64 or t.dim() != dim:
+        raise ValueError(f"{name} must be a {dim}-D int64 tensor, got {t.dtype} "
+                         f"{list(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the data is on {like.device}")
+
+
+def _check_csr(indptr: Tensor, src: Tensor, sgn: Tensor, like: Tensor) -> None:
+    _check_index(indptr, "indptr", 1, like)
+    _check_index(src, "src", 1, like)
+    if sgn.dtype != torch.float32 or sgn.shape != src.shape:
+        raise ValueError("sgn must be float32 with the shape of src")
+    if indptr.numel() < 2:
+        raise ValueError("indptr must have K+1 >= 2 entries")
+
+
+@torch.library.custom_op("grass_llm::factgrass", mutates_args=())
+def factgrass(x: Tensor, delta: Tensor, idx_in: Tensor, idx_out: Tensor, indptr: Tensor,
+              src: Tensor, sgn: Tensor, scale: float, per_token: bool) -> Tensor:
+    """FactGraSS ``[B, T, I] x [B, T, O] -> [B, K]`` (or ``[B, T, K]`` with ``per_token``)."""
+    _check_data(x, "x", 3)
+    _check_data(delta, "delta", 3)
+    if x.shape[:2] != delta.shape[:2]:
+        raise ValueError(f"x and delta disagree on [B, T]: {list(x.shape[:2])} vs "
+                         f"{list(delta.shape[:2])}")
+    if x.shape[1] == 0:
+        raise ValueError("x has no tokens (T = 0)")
+    if (x.dtype == torch.float64) != (delta.dtype == torch.float64):
+        raise ValueError(f"x and delta must be both float64 or both not, got {x.dtype} and "
+                         f"{delta.dtype}")
+    if delta.device != x.device:
+        raise ValueError(f"delta is on {delta.device} but x is on {x.device}")
+    _check_index(idx_in, "idx_in", 1, x)
+    _check_index(idx_out, "idx_out", 1, x)
+    _check_csr(indptr, src, sgn, x)
+    ext = _backend(x)
+    if ext is None:
+        return reference.factgrass(x, delta, idx_in, idx_out, indptr, src, sgn, scale,
+                                   per_token)
+    return ext.factgrass(x.contiguous(), delta.contiguous(), idx_in, idx_out, indptr, src, sgn,
+                         scale, per_token)
+
+
+@factgrass.register_fake
+def _(x, delta, idx_in, idx_out, indptr, src, sgn, scale, per_token):
+    shape = (*x.shape[:2], indptr.shape[0] - 1) if per_token else (x.shape[0],
+                                                                    indptr.shape[0] - 1)
+    return x.new_empty(shape, dtype=reference.acc_dtype(x))
+
+
+@torch.library.custom_op("grass_llm::sjlt", mutates_args=())
+def sjlt(g: Tensor, indptr: Tensor, src: Tensor, sgn: Tensor, scale: float) -> Tensor:
+    """SJLT of a batch of vectors ``[B, P] -> [B, K]``."""
+    _check_data(g, "g", 2)
+    _check_csr(indptr, src, sgn, g)
+    ext = _backend(g)
+    if ext is None:
+        return reference.sjlt(g, indptr, src, sgn, scale)
+    return ext.sjlt(g.contiguous(), indptr, src, sgn, scale)
+
+
+@sjlt.register_fake
+def _(g, indptr, src, sgn, scale):
+    return g.new_empty((g.shape[0], indptr.shape[0] - 1), dtype=reference.acc_dtype(g))
+
+
+@torch.library.custom_op("grass_llm::sjlt_t", mutates_args=())
+def sjlt_t(y: Tensor, rows: Tensor, signs: Tensor, scale: float) -> Tensor:
+    """Transpose SJLT ``[B, K] -> [B, P]`` from the ``[C, P]`` row and sign tables."""
+    _check_data(y, "y", 2)
+    _check_index(rows, "rows", 2, y)
+    if signs.dtype != torch.float32 or signs.shape != rows.shape:
+        raise ValueError("signs must be float32 with the shape of rows [C, P]")
+    ext = _backend(y)
+    if ext is None:
+        return reference.sjlt_t(y, rows, signs, scale)
+    return ext.sjlt_t(y.contiguous(), rows, signs, scale)
+
+
+@sjlt_t.register_fake
+def _(y, rows, signs, scale):
+    return y.new_empty((y.shape[0], rows.shape[1]), dtype=reference.acc_dtype(y))

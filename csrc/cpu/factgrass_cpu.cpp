@@ -5,6 +5,7 @@
 // or float64) and accumulates M with a register-blocked micro-kernel; phase 2 sums the chunks
 // in a fixed order and applies the SJLT as a gather. The per-token variant forms each token's
 // rank-1 M in a thread-local buffer and gathers from it: nothing of size T * KP is allocated.
+#include <cstring>
 #include <vector>
 
 #include "../grass_kernels.h"
@@ -13,42 +14,73 @@
 namespace grass {
 namespace {
 
-constexpr int64_t kBO = 4;   // rows of M per register block
-constexpr int64_t kBI = 16;  // columns of M per register block (two AVX2 / one AVX-512 vector)
+constexpr int64_t kTokenChunk = 256;  // tokens per partial M; the CUDA kernel uses the same
+constexpr int64_t kBO = 6;            // rows of M per register block
+
+// 32-byte vectors through GCC/Clang vector extensions: the compiler maps them to AVX/AVX2,
+// AVX-512 halves or pairs of NEON registers, whichever -march allows.
+template <typename T>
+struct VecOf {
+  typedef T type __attribute__((vector_size(32)));
+};
+template <typename T>
+using vec_t = typename VecOf<T>::type;
+
+// M[o0 : o0+kBO, i0 : i0+2W] += ds[:, o0 : o0+kBO]^T xs[:, i0 : i0+2W] with every accumulator
+// in a register (kBO x 2 vectors): the tokens stream through once per block.
+template <typename acc_t>
+void full_block(const acc_t* __restrict__ ds, const acc_t* __restrict__ xs, int64_t T,
+                int64_t KO, int64_t KI, int64_t o0, int64_t i0, acc_t* __restrict__ M) {
+  using V = vec_t<acc_t>;
+  constexpr int64_t W = sizeof(V) / sizeof(acc_t);
+  V acc[kBO][2] = {};
+  for (int64_t t = 0; t < T; ++t) {
+    const acc_t* xr = xs + t * KI + i0;
+    const acc_t* dr = ds + t * KO + o0;
+    V x0, x1;
+    std::memcpy(&x0, xr, sizeof(V));  // unaligned loads
+    std::memcpy(&x1, xr + W, sizeof(V));
+#pragma GCC unroll 8
+    for (int64_t a = 0; a < kBO; ++a) {
+      const V dv = V{} + dr[a];
+      acc[a][0] += dv * x0;
+      acc[a][1] += dv * x1;
+    }
+  }
+  for (int64_t a = 0; a < kBO; ++a) {
+    acc_t* mrow = M + (o0 + a) * KI + i0;
+    for (int64_t v = 0; v < W; ++v) {
+      mrow[v] += acc[a][0][v];
+      mrow[W + v] += acc[a][1][v];
+    }
+  }
+}
+
+// The same for a ragged edge block (no rows x ni columns), scalar.
+template <typename acc_t>
+void edge_block(const acc_t* ds, const acc_t* xs, int64_t T, int64_t KO, int64_t KI, int64_t o0,
+                int64_t i0, int64_t no, int64_t ni, acc_t* M) {
+  for (int64_t t = 0; t < T; ++t) {
+    const acc_t* xr = xs + t * KI + i0;
+    const acc_t* dr = ds + t * KO + o0;
+    for (int64_t a = 0; a < no; ++a) {
+      acc_t* mrow = M + (o0 + a) * KI + i0;
+      for (int64_t v = 0; v < ni; ++v) mrow[v] += dr[a] * xr[v];
+    }
+  }
+}
 
 // M[KO, KI] += ds[T, KO]^T xs[T, KI].
 template <typename acc_t>
 void accumulate_outer(const acc_t* ds, const acc_t* xs, int64_t T, int64_t KO, int64_t KI,
                       acc_t* M) {
-  for (int64_t o0 = 0; o0 < KO; o0 += kBO) {
-    const int64_t no = std::min(kBO, KO - o0);
-    for (int64_t i0 = 0; i0 < KI; i0 += kBI) {
-      const int64_t ni = std::min(kBI, KI - i0);
-      acc_t acc[kBO][kBI] = {};
-      if (no == kBO && ni == kBI) {  // full block: fixed trip counts, vectorized
-        for (int64_t t = 0; t < T; ++t) {
-          const acc_t* xr = xs + t * KI + i0;
-          const acc_t* dr = ds + t * KO + o0;
-          for (int64_t a = 0; a < kBO; ++a) {
-            const acc_t dv = dr[a];
-            for (int64_t v = 0; v < kBI; ++v) acc[a][v] += dv * xr[v];
-          }
-        }
-      } else {
-        for (int64_t t = 0; t < T; ++t) {
-          const acc_t* xr = xs + t * KI + i0;
-          const acc_t* dr = ds + t * KO + o0;
-          for (int64_t a = 0; a < no; ++a) {
-            for (int64_t v = 0; v < ni; ++v) acc[a][v] += dr[a] * xr[v];
-          }
-        }
-      }
-      for (int64_t a = 0; a < no; ++a) {
-        acc_t* mrow = M + (o0 + a) * KI + i0;
-        for (int64_t v = 0; v < ni; ++v) mrow[v] += acc[a][v];
-      }
-    }
+  constexpr int64_t BI = 2 * sizeof(vec_t<acc_t>) / sizeof(acc_t);
+  const int64_t KO_full = KO - KO % kBO, KI_full = KI - KI % BI;
+  for (int64_t o0 = 0; o0 < KO_full; o0 += kBO) {
+    for (int64_t i0 = 0; i0 < KI_full; i0 += BI) full_block(ds, xs, T, KO, KI, o0, i0, M);
   }
+  if (KI_full < KI) edge_block(ds, xs, T, KO, KI, 0, KI_full, KO_full, KI - KI_full, M);
+  if (KO_full < KO) edge_block(ds, xs, T, KO, KI, KO_full, 0, KO - KO_full, KI, M);
 }
 
 struct Dims {
@@ -59,11 +91,10 @@ template <typename x_t, typename d_t, typename acc_t>
 void per_example(const at::Tensor& x, const at::Tensor& d, const int64_t* idx_in,
                  const int64_t* idx_out, const int64_t* indptr, const int64_t* src,
                  const float* sgn, acc_t scale, const Dims& n, at::Tensor& out) {
-  // Enough token chunks that every thread has work when B is small; chunks of >= 64 tokens.
-  const int64_t threads = at::get_num_threads();
-  const int64_t S = std::max<int64_t>(
-      1, std::min((2 * threads + n.B - 1) / n.B, (n.T + 63) / 64));
-  const int64_t Tc = (n.T + S - 1) / S;
+  // Fixed-size token chunks give every thread work when B is small, and, being independent
+  // of the thread count, keep the summation order (and so every bit) the same on any machine.
+  const int64_t Tc = kTokenChunk;
+  const int64_t S = (n.T + Tc - 1) / Tc;
   auto part = at::zeros({n.B, S, n.KP}, out.options());
   acc_t* part_p = part.data_ptr<acc_t>();
   const x_t* x_p = x.data_ptr<x_t>();

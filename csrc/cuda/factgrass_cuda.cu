@@ -6,8 +6,8 @@
 // shared memory and keeps the tile in registers (4x4 per thread), so neither the gathered
 // features nor G ever reach global memory. It writes its finished tile once (no atomics).
 // Kernel 2 sums the token ranges in a fixed order and applies the SJLT as a gather
-// (common.cuh). The token ranges exist only to fill the GPU when the batch is small; the
-// tile buffer they need is B * S * KP floats (S = 1 for a full batch), tiny next to x.
+// (common.cuh). The token ranges (256 tokens each) fill the GPU when the batch is small; the
+// tile buffer they need is B * ceil(T / 256) * KP floats, tiny next to x.
 // Results are bitwise reproducible run to run.
 //
 // Per-token variant: a block per token row gathers its KI + KO columns into shared memory
@@ -28,6 +28,7 @@ using cuda_detail::load_col;
 constexpr int kTile = 64;  // M tile edge
 constexpr int kStage = 16;  // tokens staged in shared memory per step
 constexpr int kSub = 4;     // each of the 16x16 threads owns a kSub x kSub strided sub-tile
+constexpr int64_t kTokenChunk = 256;  // tokens per partial tile; the CPU kernel uses the same
 
 // grid (tiles, S, B), block kThreads. Tile index = o_tile * tiles_i + i_tile.
 template <typename x_t, typename d_t, typename acc_t>
@@ -123,12 +124,6 @@ __global__ void per_token_kernel(const x_t* __restrict__ x, const d_t* __restric
   }
 }
 
-int multiprocessors(const at::Device& device) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
-  return sms;
-}
-
 }  // namespace
 
 at::Tensor factgrass_cuda(const at::Tensor& x, const at::Tensor& d, const at::Tensor& idx_in,
@@ -163,11 +158,11 @@ at::Tensor factgrass_cuda(const at::Tensor& x, const at::Tensor& d, const at::Te
   TORCH_CHECK(B <= cuda_detail::kMaxGridYZ, "batch of ", B, " examples exceeds the CUDA grid "
               "limit ", cuda_detail::kMaxGridYZ);
   const int64_t tiles = ceil_div(KI, kTile) * ceil_div(KO, kTile);
-  // Split the tokens only as far as needed for ~2 blocks per multiprocessor.
-  const int64_t want = ceil_div(2 * multiprocessors(x.device()), tiles * B);
-  const int64_t S = std::max<int64_t>(1, std::min<int64_t>({want, ceil_div(T, kStage),
-                                                            cuda_detail::kMaxGridYZ}));
-  const int64_t Tc = ceil_div(T, S);
+  // Token chunks of a fixed size fill the GPU when B is small and, unlike a split by the
+  // number of multiprocessors, give the same bits on every GPU model.
+  const int64_t Tc = kTokenChunk;
+  const int64_t S = ceil_div(T, Tc);
+  TORCH_CHECK(S <= cuda_detail::kMaxGridYZ, "sequence of ", T, " tokens is too long");
   at::Tensor part = at::empty({B, S, KP}, opts);
   out = at::empty({B, K}, opts);
   dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(S), static_cast<unsigned>(B));

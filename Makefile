@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.grass-llm-installed
 
-.PHONY: setup setup-demo demo test bench clean
+.PHONY: setup setup-demo demo test kernels check-cuda bench clean
 
 setup: $(STAMP)
 
@@ -31,12 +31,22 @@ setup-demo: setup
 demo: setup-demo
 	$(VENV)/bin/grass-llm demo
 
-test: setup-demo
+# The fused kernels (csrc/): a JIT build, cached under ~/.cache/grass_llm/kernels. The test
+# suite needs them; building once up front keeps the build out of the timed tests.
+kernels: setup
+	$(PY) -m grass_llm.kernels build
+
+# Compile every CUDA kernel with nvcc for sm_80 and sm_90 (no GPU needed; CI runs this).
+check-cuda: setup
+	bash tools/check_cuda_build.sh $(PY)
+
+test: setup-demo kernels
 	$(PY) -m pytest -q tests
 
 bench: setup
 	$(PY) tools/bench_compress.py
 	$(PY) tools/bench_capture.py --model tiny
+	$(PY) tools/bench_kernels.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -22,11 +22,26 @@ if os.environ.get("GRASS_LLM_KERNELS", "auto") == "reference":
     pytest.skip("GRASS_LLM_KERNELS=reference: the extension is switched off", allow_module_level=True)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU (tools/gpu_check.sh runs these)"))]
+
+
 @pytest.fixture(scope="module")
 def ext():
     mod = build.extension()
-    assert mod is not None, f"the CPU extension did not build: {build.info()['error']}"
+    assert mod is not None, f"the extension did not build: {build.info()['error']}"
     return mod
+
+
+@pytest.fixture(params=DEVICES)
+def device(request, ext):
+    if request.param == "cuda":
+        assert ext.with_cuda, "a GPU is visible but the extension was built without CUDA"
+    return torch.device(request.param)
+
+
+def _to(device, *tensors):
+    return [t.to(device) for t in tensors]
 
 
 def _tables(KI: int, KO: int, K: int, c: int, seed: int):
@@ -52,17 +67,17 @@ def _case(dtype, B=3, T=37, I=29, O=23, KI=7, KO=5, K=17, c=2, seed=0):
     (torch.float32, 2e-5),   # same, at float32 rounding over up to T * c terms
 ])
 @pytest.mark.parametrize("T", [1, 37, 300])  # 300 > one 256-token chunk
-def test_factgrass_matches_reference(ext, dtype, rtol, per_token, T):
-    x, d, idx_in, idx_out, indptr, src, sgn = _case(dtype, T=T)
+def test_factgrass_matches_reference(ext, device, dtype, rtol, per_token, T):
+    x, d, idx_in, idx_out, indptr, src, sgn = _to(device, *_case(dtype, T=T))
     got = ext.factgrass(x, d, idx_in, idx_out, indptr, src, sgn, 0.7, per_token)
     want = reference.factgrass(x, d, idx_in, idx_out, indptr, src, sgn, 0.7, per_token)
     assert got.dtype == want.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
 
 
-def test_factgrass_mixed_input_dtypes(ext):
+def test_factgrass_mixed_input_dtypes(ext, device):
     # capture passes float32 features with the model's raw (here bfloat16) delta
-    x, d, idx_in, idx_out, indptr, src, sgn = _case(torch.float32)
+    x, d, idx_in, idx_out, indptr, src, sgn = _to(device, *_case(torch.float32))
     d = d.to(torch.bfloat16)
     got = ext.factgrass(x, d, idx_in, idx_out, indptr, src, sgn, 1.0, False)
     want = reference.factgrass(x, d, idx_in, idx_out, indptr, src, sgn, 1.0, False)
@@ -71,12 +86,12 @@ def test_factgrass_mixed_input_dtypes(ext):
 
 @pytest.mark.parametrize("per_token", [False, True])
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
-def test_low_precision_error_at_most_twice_torch(ext, low, per_token):
+def test_low_precision_error_at_most_twice_torch(ext, device, low, per_token):
     # Both against float32 on the same float32 inputs: the kernel rounds only its inputs to
     # `low` and accumulates in float32; plain PyTorch in `low` also rounds every product and
     # partial sum. The kernel's error may be at most 2x PyTorch's own (STYLE.md, item 8).
-    x, d, idx_in, idx_out, indptr, src, sgn = _case(torch.float32, B=4, T=200, I=301, O=257,
-                                                    KI=33, KO=31, K=129, c=2, seed=3)
+    x, d, idx_in, idx_out, indptr, src, sgn = _to(device, *_case(
+        torch.float32, B=4, T=200, I=301, O=257, KI=33, KO=31, K=129, c=2, seed=3))
     exact = reference.factgrass(x, d, idx_in, idx_out, indptr, src, sgn, 0.5, per_token)
     got = ext.factgrass(x.to(low), d.to(low), idx_in, idx_out, indptr, src, sgn, 0.5, per_token)
     xs = reference.gather_columns(x, idx_in).to(low)
@@ -85,7 +100,7 @@ def test_low_precision_error_at_most_twice_torch(ext, low, per_token):
         m = (ds.unsqueeze(-1) * xs.unsqueeze(-2)).reshape(*ds.shape[:2], -1)
     else:
         m = torch.bmm(ds.transpose(1, 2), xs).reshape(ds.shape[0], -1)
-    torch_low = torch.zeros(*m.shape[:-1], 129, dtype=low)
+    torch_low = torch.zeros(*m.shape[:-1], 129, dtype=low, device=device)
     torch_low.index_add_(-1, reference.csr_row_ids(indptr), m.index_select(-1, src) * sgn.to(low))
     torch_low = torch_low * 0.5
     err_kernel = (got - exact).abs().max().item()
@@ -94,23 +109,30 @@ def test_low_precision_error_at_most_twice_torch(ext, low, per_token):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_sjlt_and_transpose(ext, dtype):
+def test_sjlt_and_transpose(ext, device, dtype):
     comp = SJLT(1001, 97, c=3, seed=4)
-    g = torch.randn(5, 1001, dtype=torch.float64).to(dtype)
-    y = torch.randn(5, 97, dtype=torch.float64).to(dtype)
-    indptr, src, sgn = comp.csr.on(torch.device("cpu"))
-    rows = torch.from_numpy(comp.rows)
-    signs = torch.from_numpy(comp.signs.astype(np.float32))
+    g = torch.randn(5, 1001, dtype=torch.float64).to(dtype).to(device)
+    y = torch.randn(5, 97, dtype=torch.float64).to(dtype).to(device)
+    indptr, src, sgn = comp.csr.on(device)
+    rows = torch.from_numpy(comp.rows).to(device)
+    signs = torch.from_numpy(comp.signs.astype(np.float32)).to(device)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     got = ext.sjlt(g, indptr, src, sgn, comp.scale)
     torch.testing.assert_close(got, reference.sjlt(g, indptr, src, sgn, comp.scale),
                                rtol=tol, atol=tol)
-    dense = comp.dense_matrix()
+    dense = comp.dense_matrix().to(device)
     torch.testing.assert_close(got.double(), g.double() @ dense.T, rtol=tol, atol=tol)
     got_t = ext.sjlt_t(y, rows, signs, comp.scale)
     torch.testing.assert_close(got_t, reference.sjlt_t(y, rows, signs, comp.scale),
                                rtol=tol, atol=tol)
     torch.testing.assert_close(got_t.double(), y.double() @ dense, rtol=tol, atol=tol)
+
+
+def test_cuda_results_are_bitwise_reproducible(ext, device):
+    x, d, idx_in, idx_out, indptr, src, sgn = _to(device, *_case(torch.bfloat16, B=2, T=700))
+    a = ext.factgrass(x, d, idx_in, idx_out, indptr, src, sgn, 1.0, False)
+    b = ext.factgrass(x, d, idx_in, idx_out, indptr, src, sgn, 1.0, False)
+    assert torch.equal(a, b)  # no atomics anywhere: same bits every run
 
 
 def test_results_do_not_depend_on_thread_count(ext):

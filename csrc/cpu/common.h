@@ -13,6 +13,14 @@ namespace grass {
 template <typename T>
 using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+// at::parallel_for grain for items of `work` multiply-adds each: small calls run inline on the
+// calling thread, since waking the pool costs more than they do, and on a busy machine a
+// parallel region waits for its slowest (descheduled) thread.
+inline int64_t grain_for(int64_t work) {
+  constexpr int64_t kMinWork = int64_t{1} << 18;
+  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work));
+}
+
 // Gather n columns of one row into acc_t; an index equal to `width` reads as 1 (bias column).
 template <typename scalar_t, typename acc_t>
 inline void gather_row(const scalar_t* row, int64_t width, const int64_t* idx, int64_t n,

@@ -99,7 +99,8 @@ void per_example(const at::Tensor& x, const at::Tensor& d, const int64_t* idx_in
   acc_t* part_p = part.data_ptr<acc_t>();
   const x_t* x_p = x.data_ptr<x_t>();
   const d_t* d_p = d.data_ptr<d_t>();
-  at::parallel_for(0, n.B * S, 1, [&](int64_t begin, int64_t end) {
+  const int64_t chunk_work = std::min(n.T, Tc) * (n.KP + n.KI + n.KO);
+  at::parallel_for(0, n.B * S, grain_for(chunk_work), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xs(Tc * n.KI), ds(Tc * n.KO);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / S, t0 = (task % S) * Tc, t1 = std::min(n.T, t0 + Tc);
@@ -113,7 +114,8 @@ void per_example(const at::Tensor& x, const at::Tensor& d, const int64_t* idx_in
     }
   });
   acc_t* out_p = out.data_ptr<acc_t>();
-  at::parallel_for(0, n.B, 1, [&](int64_t begin, int64_t end) {
+  const int64_t nnz = indptr[n.K];
+  at::parallel_for(0, n.B, grain_for(S * n.KP + nnz), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       acc_t* m = part_p + b * S * n.KP;
       for (int64_t s = 1; s < S; ++s) {  // fixed order: reproducible sums
@@ -132,7 +134,8 @@ void per_token(const at::Tensor& x, const at::Tensor& d, const int64_t* idx_in,
   const x_t* x_p = x.data_ptr<x_t>();
   const d_t* d_p = d.data_ptr<d_t>();
   acc_t* out_p = out.data_ptr<acc_t>();
-  at::parallel_for(0, n.B * n.T, 4, [&](int64_t begin, int64_t end) {
+  const int64_t nnz = indptr[n.K];
+  at::parallel_for(0, n.B * n.T, grain_for(n.KP + nnz), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xs(n.KI), ds(n.KO), m(n.KP);
     for (int64_t row = begin; row < end; ++row) {
       gather_row(x_p + row * n.I, n.I, idx_in, n.KI, xs.data());

@@ -26,7 +26,8 @@ at::Tensor sjlt_cpu(const at::Tensor& g, const at::Tensor& indptr, const at::Ten
     const int64_t* ip = indptr.data_ptr<int64_t>();
     const int64_t* sp = src.data_ptr<int64_t>();
     const float* sg = sgn.data_ptr<float>();
-    at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t block_work = kBlock * (src.numel() / K + 1);
+    at::parallel_for(0, B * blocks, grain_for(block_work), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / blocks, j0 = (task % blocks) * kBlock;
         csr_gather(g_p + b * P, ip, sp, sg, j0, std::min(K, j0 + kBlock),
@@ -51,7 +52,7 @@ at::Tensor sjlt_t_cpu(const at::Tensor& y, const at::Tensor& rows, const at::Ten
     acc_t* out_p = out.data_ptr<acc_t>();
     const int64_t* rp = rows.data_ptr<int64_t>();
     const float* sg = signs.data_ptr<float>();
-    at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * blocks, grain_for(kBlock * C), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / blocks, s0 = (task % blocks) * kBlock;
         const int64_t s1 = std::min(P, s0 + kBlock);

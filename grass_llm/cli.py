@@ -400,5 +400,73 @@ def verify(
     console.print(f"{store}: OK" + (" (quick check)" if quick else ""))
 
 
+@app.command()
+def plan(
+    model: str = typer.Option(..., "--model", "-m",
+                              help="A config.json, a model directory, a .gguf file, 'smollm2' or "
+                                   "'tiny:<family>' (only the config is read)."),
+    tokens: str = typer.Option(..., help="Training tokens to cache: 1000000, 1e9, 500M, 1B."),
+    gpus: int = typer.Option(8, help="GPUs (ranks) of the cache run."),
+    k: int = typer.Option(None, help="Compressed size per layer: sets k of --compressor (default "
+                                     "spec: the paper's factgrass:k=4096,k_in=128,k_out=128); "
+                                     "with a spec that sets k, both must agree."),
+    compressor: str = typer.Option(None, help="Compressor spec of every layer (default the "
+                                              "paper's FactGraSS setting)."),
+    layers: list[str] = typer.Option(None, help="Layer include pattern (repeatable)."),
+    exclude: list[str] = typer.Option([], help="Layer exclude pattern (repeatable)."),
+    examples: str = typer.Option(None, help="Store rows (examples); default tokens / "
+                                            "--doc-tokens."),
+    doc_tokens: int = typer.Option(None, help="Average tokens per example (default "
+                                              "--max-length)."),
+    dtype: str = typer.Option("bfloat16", help="Model dtype: bfloat16, float16, float32."),
+    store_dtype: str = typer.Option("float16", help="Storage dtype: float16, bfloat16, "
+                                                    "float32."),
+    token_mode: str = typer.Option(None, help="Also per-token rows: loss or position."),
+    max_length: int = typer.Option(1024, help="Longest sequence in tokens."),
+    max_tokens: int = typer.Option(16384, help="Token budget of one batch."),
+    chunk_rows: int = typer.Option(1024, help="Examples per store chunk."),
+    parallel: str = typer.Option("fsdp", help="none, fsdp, zero3 (DeepSpeed) or tp."),
+    tp_size: int = typer.Option(0, help="Ranks per tensor-parallel group (0: min(gpus, "
+                                        "gpus-per-node))."),
+    gpus_per_node: int = typer.Option(8, help="GPUs per node."),
+    checkpointing: bool = typer.Option(True, "--checkpointing/--no-checkpointing",
+                                       help="Gradient checkpointing of the decoder layers."),
+    gpu_memory: float = typer.Option(80.0, help="GiB of one GPU (H100 80, H200 141)."),
+    tokens_per_second: float = typer.Option(None, help="Your measured cache tokens/s per GPU; "
+                                                       "the time then comes from it."),
+    peak_tflops: float = typer.Option(None, help="Peak TFLOP/s per GPU (default 989 for "
+                                                 "bf16/fp16, H100/H200 SXM dense; 67 fp32)."),
+    mfu: float = typer.Option(0.4, help="Assumed fraction of peak reached."),
+    read_gbps: float = typer.Option(2.0, help="Assumed store read GB/s per reader."),
+    fisher_gflops: float = typer.Option(500.0, help="Assumed float64 GFLOP/s per Fisher rank."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Plan a cache run before renting GPUs: numbers per example, store and Fisher size, memory
+    per rank and hours on N GPUs, from the model's config alone (built on the meta device)."""
+    import json
+
+    from grass_llm.plan import PlanConfig, make_plan, parse_count, resolve_spec
+    from grass_llm.plan_report import render
+
+    try:
+        cfg = PlanConfig(
+            model=model, tokens=parse_count(tokens), gpus=gpus, gpus_per_node=gpus_per_node,
+            compressor=resolve_spec(compressor, k), layers=layers or None, exclude=exclude,
+            examples=None if examples is None else parse_count(examples), doc_tokens=doc_tokens,
+            dtype=dtype, store_dtype=store_dtype, token_mode=token_mode, max_length=max_length,
+            max_tokens=max_tokens, chunk_rows=chunk_rows, parallel=parallel, tp_size=tp_size,
+            gradient_checkpointing=checkpointing, gpu_memory_gib=gpu_memory,
+            tokens_per_second=tokens_per_second, peak_tflops=peak_tflops, mfu=mfu,
+            read_gbps=read_gbps, fisher_gflops=fisher_gflops)
+        result = make_plan(cfg)
+    except ValueError as err:
+        _fail(err)
+    if json_out:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    for part in render(result):
+        console.print(part, highlight=False, soft_wrap=isinstance(part, str))
+
+
 if __name__ == "__main__":
     app()

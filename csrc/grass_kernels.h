@@ -13,6 +13,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 namespace grass {
 
@@ -46,3 +47,13 @@ inline at::ScalarType acc_dtype(const at::Tensor& t) {
 }
 
 }  // namespace grass
+
+// Dispatch over the float types of two tensors; the body sees x_t and d_t.
+#define GRASS_DISPATCH_PAIR(X_TYPE, D_TYPE, NAME, ...)                                  \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X_TYPE, NAME, [&] {         \
+    using x_t = scalar_t;                                                               \
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, D_TYPE, NAME, [&] {       \
+      using d_t = scalar_t;                                                             \
+      __VA_ARGS__();                                                                    \
+    });                                                                                 \
+  })

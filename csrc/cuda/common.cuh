@@ -66,13 +66,3 @@ void launch_csr_gather(const v_t* v, int64_t B, int64_t S, int64_t P, const at::
 
 }  // namespace cuda_detail
 }  // namespace grass
-
-// Dispatch over the float types of two tensors; the body sees x_t and d_t.
-#define GRASS_DISPATCH_PAIR(X_TYPE, D_TYPE, NAME, ...)                                  \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X_TYPE, NAME, [&] {         \
-    using x_t = scalar_t;                                                               \
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, D_TYPE, NAME, [&] {       \
-      using d_t = scalar_t;                                                             \
-      __VA_ARGS__();                                                                    \
-    });                                                                                 \
-  })

@@ -1,0 +1,1 @@
+"""Attribution-quality evaluation: the linear datamodeling score (LDS) on a synthetic corpus."""

@@ -84,10 +84,10 @@ def build(model_name: str, dtype: torch.dtype, device: torch.device, num_layers:
 
         cfg = LlamaConfig.from_json_file(str(LLAMA3_8B_CONFIG))
         cfg.num_hidden_layers = num_layers or cfg.num_hidden_layers
-        cfg._attn_implementation = "sdpa"
         torch.manual_seed(0)
         with device:
-            return AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype).eval()
+            return AutoModelForCausalLM.from_config(cfg, dtype=dtype,
+                                                    attn_implementation="sdpa").eval()
     if num_layers is not None:
         raise SystemExit("--num-layers applies to --model llama3-8b only")
     return model.to(device)

@@ -21,11 +21,8 @@ from grass_llm.evaluation.lds import (
 )
 from grass_llm.evaluation.train import TrainConfig
 from grass_llm.influence import compute_fisher, load_factors
-from grass_llm.store import LayerInfo, StoreLayout, create_store, open_store
+from tests.test_influence import LAYERS, random_store, raw
 from tools.lds import main as lds_main
-
-LAYERS = (LayerInfo("l.a", "factgrass:c=1,k=5,k_in=3,k_out=2", 1, 5, 4, 3, False),
-          LayerInfo("l.b", "logra:k_in=2,k_out=3", 2, 6, 4, 3, False))
 
 
 def test_spearman_matches_pearson_of_average_ranks_with_ties():
@@ -55,15 +52,8 @@ def test_lds_sign_convention_true_effects_score_one():
 @pytest.mark.parametrize("mode,damping", [("relative", 0.1), ("absolute", 0.37)])
 def test_damped_factor_is_the_products_fisher(tmp_path, mode, damping):
     """The in-memory factor equals compute_fisher's on the same rows (same damping rule)."""
-    layout = StoreLayout(n_examples=23, layers=LAYERS, chunk_rows=4, dtype="float32")
-    store = create_store(str(tmp_path / "s.zarr"), layout, {"config": {}})
-    rng = np.random.default_rng(0)
-    rows = {x.name: rng.standard_normal((23, x.k)).astype(np.float32) for x in LAYERS}
-    for c in store.pending_chunks():
-        a, b = layout.chunk_range(c)
-        store.write_chunk(c, {k: v[a:b] for k, v in rows.items()},
-                          [f"e{i}" for i in range(a, b)], [1] * (b - a), [0.0] * (b - a))
-    store = open_store(store.url, mode="r+")
+    store = random_store(tmp_path)  # float32 rows, chunks of 4
+    rows = {x.name: raw(store, x.name).astype(np.float32) for x in LAYERS}
     compute_fisher(store, damping=damping, mode=mode)
     stored = load_factors(store)
     for lay in LAYERS:

@@ -156,13 +156,14 @@ def cache(
     config's `parallel` field (none, fsdp, deepspeed, tp).
     """
     from grass_llm.config import load_config
+    from grass_llm.parallel.comm import RankFailure
     from grass_llm.runner import run_cache
     from grass_llm.store import StoreError
 
     try:
         cfg = load_config(config, list(set_) + (["overwrite=true"] if overwrite else []))
         summary = run_cache(cfg, progress=not quiet)
-    except (ValueError, StoreError, FileNotFoundError) as err:
+    except (ValueError, StoreError, OSError, RankFailure) as err:
         _fail(err)
     import os
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from grass_llm.capture import GradientCapture
 from grass_llm.config import RunConfig
@@ -29,12 +28,12 @@ from grass_llm.parallel import (
     apply_fsdp2,
     apply_tp,
     apply_zero3,
-    barrier,
     build_mesh,
+    comm,
     init_distributed,
     load_ds_config,
 )
-from grass_llm.store import LayerInfo, StoreError, StoreLayout, create_store, open_store
+from grass_llm.store import LayerInfo, StoreLayout, create_store, open_store
 from grass_llm.store.identity import (
     dataset_fingerprint,
     model_identity,
@@ -95,20 +94,6 @@ def _shard(cfg: RunConfig, model, info) -> _Setup:
                   mesh["dp"].size(), tp_rank == 0, True)
 
 
-def _broadcast_error(err: BaseException | None, info) -> None:
-    """Rank 0's set-up error (e.g. a store of another run) stops every rank with its message."""
-    if not info.distributed:
-        if err is not None:
-            raise err
-        return
-    box = [None if err is None else f"{type(err).__name__}: {err}"]
-    dist.broadcast_object_list(box, src=0)
-    if err is not None:
-        raise err
-    if box[0] is not None:
-        raise StoreError(f"rank 0 failed: {box[0]}")
-
-
 def _token_counts(examples, token_mode) -> tuple[int, ...] | None:
     if token_mode is None:
         return None
@@ -142,17 +127,14 @@ def _describe(cfg, examples, skipped, model, tok, name, capture) -> tuple[StoreL
 
 def _open(cfg, info, examples, skipped, model, tok, name, capture):
     """Rank 0 creates (or reopens to resume) the store; after a barrier the others open it."""
-    err, store = None, None
-    if info.is_main:
-        try:
+    store = None
+    with comm.guarded("creating the store"):
+        if info.is_main:
             layout, meta = _describe(cfg, examples, skipped, model, tok, name, capture)
             store = create_store(cfg.out, layout, meta, overwrite=cfg.overwrite)
-        except (StoreError, ValueError) as e:
-            err = e
-    _broadcast_error(err, info)
-    barrier()
-    if not info.is_main:
-        store = open_store(cfg.out, mode="r+")
+    with comm.guarded("opening the store"):
+        if not info.is_main:
+            store = open_store(cfg.out, mode="r+")
     return store
 
 
@@ -187,10 +169,8 @@ def run_cache(cfg: RunConfig, *, progress: bool = True) -> Summary:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     loop = _Loop(cfg, info, setup, store, examples, capture, pad_id, progress)
     written, tokens = loop.run()
-    totals = torch.tensor([written, tokens], dtype=torch.long)
-    if info.distributed:
-        dist.all_reduce(totals)
-        barrier()
+    totals = comm.all_reduce(torch.tensor([written, tokens], dtype=torch.long))
+    comm.barrier()
     done = store.done_chunks()
     return Summary(examples=len(examples), tokens=int(totals[1]),
                    seconds=time.perf_counter() - t_start, chunks_written=int(totals[0]),

@@ -5,8 +5,12 @@ run, for the resume test)."""
 import os
 import signal
 
-from grass_llm.cli import app
-from grass_llm.store.store import GradientStore
+from tests import strict_dist
+
+strict_dist.install()
+
+from grass_llm.cli import app  # noqa: E402  (after the strict patch, on purpose)
+from grass_llm.store.store import GradientStore  # noqa: E402
 
 _original = GradientStore.write_chunk
 

@@ -50,7 +50,7 @@ def _env():
     return env
 
 
-def _torchrun(out, *extra, module="grass_llm", timeout=300):
+def _torchrun(out, *extra, module="tests.strict_main", timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(_free_port()), "-m", module, *_cache_args(out, *extra)]
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
@@ -117,7 +117,7 @@ def test_accelerate_launch_runs_the_same_job(single_store, tmp_path):
     out = str(tmp_path / "acc.zarr")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "launch" / "cpu-2proc.yaml"), "--main_process_port", str(_free_port()),
-           "-m", "grass_llm", *_cache_args(out, "--set", "parallel=fsdp")]
+           "-m", "tests.strict_main", *_cache_args(out, "--set", "parallel=fsdp")]
     res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     _assert_same_store(out, single_store)

@@ -255,7 +255,7 @@ def test_fisher_split_over_two_processes_equals_one(tiny_store, tmp_path):
     copy = str(tmp_path / "copy.zarr")
     shutil.copytree(tiny_store, copy)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(_free_port()), "-m", "grass_llm", "fisher", copy]
+           "--master-port", str(_free_port()), "-m", "tests.strict_main", "fisher", copy]
     res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     one, two = load_factors(open_store(tiny_store)), load_factors(open_store(copy))

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -36,6 +35,7 @@ from grass_llm.capture.loss import (
 from grass_llm.compress import FactorizedCompressor, build_compressor, derive_seed
 from grass_llm.compress.base import compute_dtype
 from grass_llm.compress.sharded import shard_compressor
+from grass_llm.parallel import comm
 
 TOKEN_MODES = (None, "loss", "position")
 
@@ -195,7 +195,7 @@ class GradientCapture:
             if isinstance(comp, FactorizedCompressor):
                 xf = op.input_features(x)
                 if reduce_in:  # LoGra on a rowwise shard: P_in x is a sum over the group
-                    dist.all_reduce(xf, group=self.tp_group)
+                    comm.all_reduce(xf, group=self.tp_group)
                 self._feats[name] = xf
             else:
                 x = x.to(compute_dtype(x))
@@ -223,7 +223,7 @@ class GradientCapture:
             if isinstance(comp, FactorizedCompressor) and reduce_out:
                 # LoGra on a colwise shard: P_out delta is a sum over the group
                 df = op.output_features(d)
-                dist.all_reduce(df, group=self.tp_group)
+                comm.all_reduce(df, group=self.tp_group)
                 res = (op.combine_per_token(feats, df) if per_position
                        else op.combine(feats, df))
             elif isinstance(comp, FactorizedCompressor):
@@ -299,7 +299,7 @@ class GradientCapture:
         if not partial:
             return
         flat = torch.cat([grads[k].reshape(-1) for k in partial])
-        dist.all_reduce(flat, group=self.tp_group)
+        comm.all_reduce(flat, group=self.tp_group)
         for k, piece in zip(partial, flat.split([grads[k].numel() for k in partial])):
             grads[k] = piece.view_as(grads[k])
 
@@ -364,7 +364,7 @@ def _shard_view(comp, module: nn.Module, tp_group):
     in_range = (offset[1], offset[1] + local_shape[1])
     rowwise = in_range != (0, module.in_features)
     # A rowwise layer's bias is replicated: only the group's first rank counts its column.
-    own_bias = not rowwise or dist.get_rank(tp_group) == 0
+    own_bias = not rowwise or comm.rank(tp_group) == 0
     return shard_compressor(comp, out_range, in_range, own_bias)
 
 

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from zarr.codecs import Crc32cCodec
 
+from grass_llm.parallel import comm
 from grass_llm.store import GradientStore, StoreError
 
 DAMPING_MODES = ("relative", "absolute")
@@ -45,7 +45,7 @@ def compute_fisher(store: GradientStore, *, damping: float = 0.1, mode: str = "r
     if not damping > 0:
         raise ValueError(f"damping must be > 0, got {damping}")
     store.require_complete()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = comm.rank(), comm.world_size()
     mine = list(range(rank, store.layout.n_chunks, world))
     n = store.n_examples
     report = {}
@@ -55,7 +55,7 @@ def compute_fisher(store: GradientStore, *, damping: float = 0.1, mode: str = "r
             progress(lay.name, i, len(store.layout.layers))
         gram = accumulate_gram(store, lay.name, mine)
         if world > 1:
-            dist.all_reduce(gram)
+            comm.all_reduce(gram)
         fisher = gram / n
         trace = float(torch.trace(fisher))
         lam = damping * trace / lay.k if mode == "relative" else damping
@@ -70,7 +70,7 @@ def compute_fisher(store: GradientStore, *, damping: float = 0.1, mode: str = "r
     if rank == 0:
         _write(store, factors, report, damping, mode)
     if world > 1:
-        dist.barrier()
+        comm.barrier()
     return report
 
 

@@ -45,9 +45,18 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+        dist.init_process_group(backend_for(device.type),
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank, world, local_rank, device)
+
+
+def backend_for(device_type: str) -> str:
+    """The process-group backend for a run on ``device_type``.
+
+    On GPUs, NCCL carries the tensors and gloo stays mapped for CPU tensors, so a collective on
+    a CPU tensor (a library's bookkeeping, say) is legal instead of a crash; grass_llm's own
+    collectives all run on the GPU (``parallel.comm``)."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
 
 
 def build_mesh(info: DistInfo, tp_size: int = 1) -> DeviceMesh | None:
@@ -64,11 +73,6 @@ def build_mesh(info: DistInfo, tp_size: int = 1) -> DeviceMesh | None:
                          f"({info.world_size})")
     return init_device_mesh(info.device.type, (info.world_size // tp_size, tp_size),
                             mesh_dim_names=("dp", "tp"))
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def shutdown() -> None:

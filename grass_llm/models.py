@@ -157,6 +157,20 @@ BYTE_VOCAB = 259
 ADAPTER_LAYERS = ["*.lora_A.*", "*.lora_B.*"]
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute decoder layers in backward (non-reentrant, which the capture hooks need).
+    transformers renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+    (the old name is a deprecated alias); use whichever this version has."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"{type(model).__name__} does not support activation checkpointing; "
+                         "set gradient_checkpointing: false")
+
+
 def apply_adapter(model, adapter: str):
     """Wrap ``model`` with a PEFT LoRA adapter from a local directory (frozen, eval mode)."""
     try:

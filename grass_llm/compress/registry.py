@@ -103,3 +103,21 @@ def build_compressor(spec: str, *, seed: int, p: int | None = None, d_in: int | 
     if missing:
         raise ValueError(f"compressor spec {spec!r} is missing {missing}")
     return cls(**kwargs)
+
+
+def check_spec(spec: str) -> str:
+    """Check a spec's syntax, name and parameter names without building anything (a vector
+    compressor's tables scale with the layer size, unknown here); returns the name. Values are
+    checked against each layer's sizes when the compressors are built."""
+    name, params = parse_spec(spec)
+    cls = compressor_class(name)
+    bad = _CONTEXT_ARGS.intersection(params)
+    if bad:
+        raise ValueError(f"compressor spec {spec!r} sets {sorted(bad)}, which come from the "
+                         "layer or the run, not the spec")
+    sig = inspect.signature(cls.__init__)
+    unknown = [key for key in params if key not in sig.parameters]
+    if unknown:
+        allowed = sorted(set(sig.parameters) - _CONTEXT_ARGS - {"self"})
+        raise ValueError(f"{name!r} has no parameter {unknown[0]!r}; it takes {allowed}")
+    return name

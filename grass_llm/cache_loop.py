@@ -51,6 +51,35 @@ class _Staged:
     event: object = None
 
 
+def stage_batch(c: int, idx: np.ndarray, out, names: list[str], dtype: torch.dtype,
+                pinned: bool) -> _Staged:
+    """All layers' rows of one batch (``out``: a ``CaptureOutput``) in one device buffer in the
+    store's dtype, with one non-blocking copy into pinned host memory when ``pinned``."""
+    grads = [out.grads[n] for n in names]
+    if out.offsets is None:
+        rows, tokens = torch.cat(grads, 1), None
+    else:
+        tok32 = torch.cat(grads, 1)
+        ex = torch.repeat_interleave(torch.arange(len(idx), device=tok32.device),
+                                     out.offsets[1:] - out.offsets[:-1])
+        # the example's row is the sum of its token rows (exact: the maps are linear)
+        rows = tok32.new_zeros(len(idx), tok32.shape[1]).index_add_(0, ex, tok32)
+        tokens = tok32.to(dtype)
+    staged = _Staged(c, idx, rows.to(dtype), out.loss.float(), out.n_targets, tokens,
+                     out.offsets, out.positions)
+    if not pinned:
+        return staged
+    for f in ("rows", "loss", "n", "tokens", "offsets", "positions"):
+        t = getattr(staged, f)
+        if t is not None:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            setattr(staged, f, host)
+    staged.event = torch.cuda.Event()
+    staged.event.record()
+    return staged
+
+
 class _ChunkBuffer:
     """Host rows of one row chunk while its batches arrive (any order within the chunk)."""
 
@@ -61,6 +90,21 @@ class _ChunkBuffer:
         self.n = np.zeros(b - a, dtype=np.int64)
         self.tokens: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.missing = b - a
+
+    def place(self, s: _Staged) -> int:
+        """Put a staged batch's rows in place (waiting for its copy); returns rows missing."""
+        if s.event is not None:
+            s.event.synchronize()
+        local = s.idx - self.a
+        self.rows[torch.from_numpy(local)] = s.rows
+        self.loss[local] = s.loss.numpy()
+        self.n[local] = s.n.cpu().numpy()
+        if s.tokens is not None:
+            off = s.offsets.cpu().numpy()
+            for j, i in enumerate(s.idx.tolist()):
+                self.tokens[i] = (s.tokens[off[j]:off[j + 1]], s.positions[off[j]:off[j + 1]])
+        self.missing -= len(s.idx)
+        return self.missing
 
 
 class CacheLoop:
@@ -127,48 +171,14 @@ class CacheLoop:
                    batch["labels"].to(dev))
 
     def _stage(self, c: int, idx: np.ndarray, out) -> _Staged:
-        """All layers' rows of the batch in one device buffer, copied to the host once."""
-        grads = [out.grads[n] for n in self.names]
-        if out.offsets is None:
-            rows, tokens = torch.cat(grads, 1), None
-        else:
-            tok32 = torch.cat(grads, 1)
-            ex = torch.repeat_interleave(torch.arange(len(idx), device=tok32.device),
-                                         out.offsets[1:] - out.offsets[:-1])
-            # the example's row is the sum of its token rows (exact: the maps are linear)
-            rows = tok32.new_zeros(len(idx), tok32.shape[1]).index_add_(0, ex, tok32)
-            tokens = tok32.to(self.dtype)
-        staged = _Staged(c, idx, rows.to(self.dtype), out.loss.float(), out.n_targets, tokens,
-                         out.offsets, out.positions)
-        if not self.pinned:
-            return staged
-        for f in ("rows", "loss", "n", "tokens", "offsets", "positions"):
-            t = getattr(staged, f)
-            if t is not None:
-                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                host.copy_(t, non_blocking=True)
-                setattr(staged, f, host)
-        staged.event = torch.cuda.Event()
-        staged.event.record()
-        return staged
+        return stage_batch(c, idx, out, self.names, self.dtype, self.pinned)
 
     def _collect(self, s: _Staged, buffers: dict, writer: ChunkWriter) -> None:
-        if s.event is not None:
-            s.event.synchronize()
         a, b = self.store.layout.chunk_range(s.chunk)
         buf = buffers.get(s.chunk)
         if buf is None:
             buf = buffers[s.chunk] = _ChunkBuffer(a, b, sum(self.widths), self.dtype)
-        local = torch.from_numpy(s.idx - a)
-        buf.rows[local] = s.rows
-        buf.loss[s.idx - a] = s.loss.numpy()
-        buf.n[s.idx - a] = s.n.cpu().numpy()
-        if s.tokens is not None:
-            off = s.offsets.cpu().numpy()
-            for j, i in enumerate(s.idx.tolist()):
-                buf.tokens[i] = (s.tokens[off[j]:off[j + 1]], s.positions[off[j]:off[j + 1]])
-        buf.missing -= len(s.idx)
-        if buf.missing == 0:
+        if buf.place(s) == 0:
             writer.submit(s.chunk, **self._chunk_kwargs(buffers.pop(s.chunk)))
 
     def _chunk_kwargs(self, buf: _ChunkBuffer) -> dict:

@@ -183,6 +183,23 @@ def apply_adapter(model, adapter: str):
     return PeftModel.from_pretrained(model, adapter).eval()
 
 
+def weight_sources(spec: str, *, adapter: str | None = None) -> list[Path] | None:
+    """The files a ``model`` spec's weights come from (for caching the weights hash by file
+    path, size and mtime); None for the tiny models built in code (cheap to hash)."""
+    if spec.startswith("tiny:"):
+        return None
+    if spec == "smollm2":
+        files = [smollm2_gguf_path()]
+    else:
+        path = Path(spec)
+        if not path.exists():
+            return None
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    if adapter is not None and Path(adapter).is_dir():
+        files += sorted(p for p in Path(adapter).iterdir() if p.is_file())
+    return files
+
+
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, tokenizer: str | None = None,
                seed: int = 0, adapter: str | None = None):
     """Load a causal LM and its tokenizer from a run config's ``model`` / ``tokenizer`` fields.

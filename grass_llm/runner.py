@@ -27,7 +27,12 @@ import torch
 from grass_llm.cache_loop import CacheLoop
 from grass_llm.capture import GradientCapture
 from grass_llm.config import RunConfig
-from grass_llm.models import ADAPTER_LAYERS, enable_activation_checkpointing, load_model
+from grass_llm.models import (
+    ADAPTER_LAYERS,
+    enable_activation_checkpointing,
+    load_model,
+    weight_sources,
+)
 from grass_llm.parallel import (
     apply_fsdp2,
     apply_tp,
@@ -117,7 +122,8 @@ def _load(cfg: RunConfig, info):
 def _describe(cfg, corpus, model, tok, name, capture) -> tuple[StoreLayout, dict]:
     """The store's layout and identity meta (rank 0: hashes every weight of the full
     model)."""
-    mid = model_identity(model, name)
+    mid = model_identity(model, name, sources=weight_sources(cfg.model, adapter=cfg.adapter),
+                         key=f"{cfg.dtype}|seed={cfg.seed}")
     tid = tokenizer_identity(tok)
     skipped = corpus.skipped
     meta = {

@@ -370,6 +370,9 @@ def main() -> None:
                     help="decoder blocks hooked in the layers table (default 1, n/4, n/2, n)")
     ap.add_argument("--store-dtype", choices=sorted(STORE_BYTES), default="float16",
                     help="storage dtype for the bytes-per-token column")
+    ap.add_argument("--profile", action="store_true",
+                    help="print where one FactGraSS step's time goes (tools/capture_profile.py) "
+                         "instead of the tables")
     args = ap.parse_args()
     tables = [] if args.scaling == "none" else [t.strip() for t in args.scaling.split(",")]
     bad = set(tables) - {"seq", "k", "layers"}
@@ -385,6 +388,16 @@ def main() -> None:
           f"{torch.__version__}, {torch.get_num_threads()} threads, device {device}, kernels "
           f"'{kernels.backend_name(torch.zeros(1, device=device))}'")
     t0 = time.perf_counter()
+    if args.profile:
+        from capture_profile import print_profile, profile
+
+        spec = next(v for k, v in SETTINGS[args.setting].items() if k.startswith("FactGraSS"))
+        batches = make_batches(model.config.vocab_size, args.docs * args.seq, args.seq,
+                               args.batch * args.seq, device=model.device)
+        print_profile(profile(model, batches, spec, args.repeats),
+                      f"profile of one step: {spec}, {len(batches)} batches of "
+                      f"{batches[0].shape[0]} x {args.seq} tokens, medians of {args.repeats}")
+        return
     main_table(args, model)
     for what in tables:
         scaling(args, model, what)

@@ -11,7 +11,7 @@ import yaml
 
 from grass_llm.capture.hooks import TOKEN_MODES
 from grass_llm.capture.loss import REDUCTIONS
-from grass_llm.compress import build_compressor
+from grass_llm.compress import check_spec
 from grass_llm.store.layout import CODECS, NONFINITE_POLICIES, STORAGE_DTYPES
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -112,7 +112,7 @@ class RunConfig:
                              "plan shards plain Linear layers); use none, fsdp or deepspeed")
         if self.token_mode == "loss" and self.reduction != "sum":
             raise ValueError("token_mode=loss needs reduction=sum")
-        build_compressor(self.compressor, seed=0, p=10**9, d_in=10**5, d_out=10**5)  # syntax
+        check_spec(self.compressor)  # syntax, and a mask file's sizes
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -53,7 +53,7 @@ def test_example_quality_is_real():
 
 def test_every_command_has_help():
     commands = ["compressors", "example", "demo", "cache", "config-help", "fisher", "query",
-                "self-influence", "value", "info", "verify", "plan"]
+                "self-influence", "value", "info", "verify", "plan", "fit-mask"]
     res = runner.invoke(app, ["--help"], terminal_width=200)
     for cmd in commands:
         assert cmd in res.output

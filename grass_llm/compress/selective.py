@@ -227,13 +227,14 @@ def fit_factorized_mask(g_train_NOI: torch.Tensor, g_target_QOI: torch.Tensor, k
     opt = torch.optim.Adam([s_in, s_out], lr=lr)
     tr3, te3 = tr.view(N, O, I), te.view(-1, O, I)
 
-    def hard(step: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+    def hard() -> tuple[float, torch.Tensor, torch.Tensor]:
+        """The top-k logits' hard masks and their objective (float32, for the selection)."""
         i_in = torch.sort(torch.argsort(-s_in.detach(), stable=True)[:k_in]).values
         i_out = torch.sort(torch.argsort(-s_out.detach(), stable=True)[:k_out]).values
         masked = _product_gather(te3, i_out, i_in) @ _product_gather(tr3, i_out, i_in).T
         return float(_row_corr(masked, full).mean()), i_in, i_out
 
-    best = (*hard(0), 0)
+    best = (*hard(), 0)
     for step in range(1, steps + 1):
         m_in, m_out = torch.sigmoid(s_in), torch.sigmoid(s_out)
         w = (m_out.square()[:, None] * m_in.square()[None, :]).reshape(-1)
@@ -241,7 +242,7 @@ def fit_factorized_mask(g_train_NOI: torch.Tensor, g_target_QOI: torch.Tensor, k
         opt.zero_grad()
         loss.backward()
         opt.step()
-        value, i_in, i_out = hard(step)
+        value, i_in, i_out = hard()
         if value > best[0]:
             best = (value, i_in, i_out, step)
     _, i_in, i_out, step = best

@@ -270,3 +270,22 @@ def test_fit_mask_then_cache_records_the_hash_and_a_changed_mask_file_is_refused
         from_file(store, str(qfile))
     res = runner.invoke(app, ["query", store_url, "--queries", str(qfile)], terminal_width=200)
     assert res.exit_code == 2 and "store's mask file" in res.output
+
+
+def test_lds_mask_calibration_uses_disjoint_training_rows_only():
+    from grass_llm.evaluation.corpus import CorpusConfig, make_corpus
+    from grass_llm.evaluation.selective import calibration_batches, calibration_rows
+
+    corpus = make_corpus(CorpusConfig(n_people=12))
+    tr_rows, te_rows = calibration_rows(len(corpus.train), 20, 10, 0)
+    assert len(set(tr_rows.tolist()) | set(te_rows.tolist())) == 30  # disjoint
+    (tr_ids, _, tr_lab), (te_ids, te_mask, te_lab) = calibration_batches(corpus, 20, 10, 0)
+    train_ids, _, train_lab = corpus.train_batch()  # training rows only, never the queries
+    torch.testing.assert_close(tr_ids, train_ids[tr_rows])
+    torch.testing.assert_close(te_ids, train_ids[te_rows])
+    torch.testing.assert_close(tr_lab, train_lab[tr_rows])  # train side: every word a target
+    assert ((te_lab != -100).sum(1) == 1).all()  # target side: query form, the answer only
+    answer = te_mask.sum(1) - 2
+    assert (te_lab[torch.arange(10), answer] == te_ids[torch.arange(10), answer]).all()
+    with pytest.raises(ValueError, match="mask_train"):
+        calibration_rows(len(corpus.train), 2, 10, 0)

@@ -24,17 +24,22 @@ from grass_llm.evaluation.corpus import Corpus, answer_only
 from grass_llm.fit_mask import fit_layer
 
 
-def calibration_batches(corpus: Corpus, n_train: int, n_targets: int, seed: int):
-    """``(train side, target side)`` batches ``(ids, mask, labels)``, both from the training
-    set (disjoint rows; the target side in query form)."""
-    n = len(corpus.train)
+def calibration_rows(n: int, n_train: int, n_targets: int, seed: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint training-set rows ``([n_train], [n_targets])`` of the mask calibration."""
     if n_train < 3 or n_targets < 1 or n_train + n_targets > n:
         raise ValueError(f"the mask calibration needs 3 <= mask_train and 1 <= mask_targets "
                          f"with mask_train + mask_targets <= {n} training examples, got "
                          f"{n_train} + {n_targets}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:n_train], perm[n_train:n_train + n_targets]
+
+
+def calibration_batches(corpus: Corpus, n_train: int, n_targets: int, seed: int):
+    """``(train side, target side)`` batches ``(ids, mask, labels)`` of ``calibration_rows``,
+    both from the training set; the target side in query form."""
+    tr, te = calibration_rows(len(corpus.train), n_train, n_targets, seed)
     ids, mask, labels = corpus.train_batch()
-    tr, te = perm[:n_train], perm[n_train:n_train + n_targets]
     return (ids[tr], mask[tr], labels[tr]), answer_only(ids[te], mask[te], labels[te])
 
 

@@ -11,7 +11,7 @@ import yaml
 
 from grass_llm.capture.hooks import TOKEN_MODES
 from grass_llm.capture.loss import REDUCTIONS
-from grass_llm.compress.registry import check_spec
+from grass_llm.compress import check_spec
 from grass_llm.store.layout import CODECS, NONFINITE_POLICIES, STORAGE_DTYPES
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -127,7 +127,7 @@ class RunConfig:
                              "plan shards plain Linear layers); use none, fsdp or deepspeed")
         if self.token_mode == "loss" and self.reduction != "sum":
             raise ValueError("token_mode=loss needs reduction=sum")
-        check_spec(self.compressor)  # syntax and names; sizes are checked per layer, at build
+        check_spec(self.compressor)  # syntax, names, a mask file; sizes per layer at build
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

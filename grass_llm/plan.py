@@ -209,7 +209,7 @@ def plan_layers(model: nn.Module, spec: str, layers=None, exclude=None,
         if shape not in built:
             try:
                 built[shape] = build_compressor(spec, seed=0, d_in=mod.in_features,
-                                                d_out=mod.out_features, bias=bias,
+                                                d_out=mod.out_features, bias=bias, layer=name,
                                                 p=mod.out_features * (mod.in_features + bias))
             except ValueError as err:
                 raise ValueError(f"compressor {spec!r} does not fit layer {name} "

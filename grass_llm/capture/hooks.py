@@ -113,7 +113,7 @@ class GradientCapture:
             try:
                 self.compressors[name] = build_compressor(
                     spec, seed=derive_seed(seed, name), d_in=mod.in_features,
-                    d_out=mod.out_features, bias=bias,
+                    d_out=mod.out_features, bias=bias, layer=name,
                     p=mod.out_features * (mod.in_features + bias))
             except ValueError as err:
                 raise ValueError(f"compressor {spec!r} does not fit layer {name} "

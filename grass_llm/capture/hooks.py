@@ -116,6 +116,8 @@ class GradientCapture:
                     d_out=mod.out_features, bias=bias, layer=name,
                     p=mod.out_features * (mod.in_features + bias))
             except ValueError as err:
+                if "mask file" in str(err):  # a file problem, not a size problem
+                    raise ValueError(f"layer {name}: {err}") from err
                 raise ValueError(f"compressor {spec!r} does not fit layer {name} "
                                  f"({mod.out_features} x {mod.in_features}): {err}; choose "
                                  "smaller sizes or leave the layer out (exclude)") from err

@@ -52,7 +52,8 @@ class SelectiveMask(RandomMask):
 
     @classmethod
     def fit(cls, grads_train: torch.Tensor, grads_test: torch.Tensor, k_prime: int, *,
-            l1: float = 1e-2, steps: int = 300, lr: float = 0.05) -> SelectiveMask:
+            l1: float = 1e-2, steps: int = 300, lr: float = 0.05,
+            seed: int = 0) -> SelectiveMask:
         """Learn a k'-coordinate mask from sample gradients (the GraSS paper's SM).
 
         Args:
@@ -62,9 +63,11 @@ class SelectiveMask(RandomMask):
             l1: weight of the L1 penalty on the soft mask (``lambda * mean(sigmoid(s))``).
             steps: Adam steps on the full sample (deterministic on CPU).
             lr: Adam learning rate.
+            seed: seed of the initial logits' noise.
 
         Returns:
-            A ``SelectiveMask`` keeping the top-k' logits; ``.logits`` holds the learned logits.
+            A ``SelectiveMask`` keeping the best top-k' hard mask met while optimising (see
+            ``fit_factorized_mask``); ``.logits`` holds the final logits.
         """
         for name, g in (("grads_train", grads_train), ("grads_test", grads_test)):
             if not isinstance(g, torch.Tensor) or g.dim() != 2:
@@ -81,24 +84,13 @@ class SelectiveMask(RandomMask):
             raise ValueError(f"k_prime={k_prime} must be <= p={p}")
         check_size("steps", steps)
 
-        tr = grads_train.detach().to(torch.float32)
-        te = grads_test.detach().to(torch.float32)
-        scale = tr.abs().max().clamp_min(1e-30)  # scale-free: the objective is a correlation
-        tr, te = tr / scale, te / scale
-        full = te @ tr.T
-        logits = torch.zeros(p, requires_grad=True)
-        opt = torch.optim.Adam([logits], lr=lr)
-        for _ in range(steps):
-            m = torch.sigmoid(logits)
-            masked = (te * m) @ (tr * m).T
-            loss = -_row_corr(masked, full).mean() + l1 * m.mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        final = logits.detach()
-        order = torch.argsort(-final, stable=True)
-        out = cls(p, order[:k_prime].numpy())
-        out.logits = final
+        # A vector mask is the product mask of a [1, p] "layer" with its one output kept, so
+        # the factorized fit runs it: seeded noise to start from (at a uniform mask the
+        # correlation is 1 and its gradient exactly 0) and the best hard mask on the path.
+        fit = fit_factorized_mask(grads_train[:, None, :], grads_test[:, None, :], k_prime, 1,
+                                  l1=l1, steps=steps, lr=lr, seed=seed)
+        out = cls(p, fit.idx_in)
+        out.logits = fit.logits_in
         return out
 
 

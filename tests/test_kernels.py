@@ -411,5 +411,6 @@ def test_cuda_capture_equals_cpu_capture(ext, token_mode):
         got = outs["cuda"].grads[name].cpu()
         # float64 model, but transformers' RMSNorm rounds to float32 (6e-8 relative) on each
         # device in its own order: rows agree to ~1e-7; a kernel bug is of order 1
-        err = (got - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-30)
+        scale = want.norm(dim=-1)
+        err = (got - want).norm(dim=-1) / scale.clamp_min(1e-9 * float(scale.max()))
         assert got.shape == want.shape and float(err.max()) < 1e-5, (name, float(err.max()))

@@ -9,10 +9,10 @@
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <string>
 #include <vector>
 
-#include "emulate.h"
-// clang-format off: emulate.h must come first
+#include "emulate.h"  // first: it defines what the kernels take from CUDA
 #include "../../csrc/cuda/factgrass_kernels.cuh"
 #include "../../csrc/cuda/sjlt_kernels.cuh"
 
@@ -46,7 +46,9 @@ struct Csr {  // an SJLT's transpose: c random signed rows per input position
 Csr make_csr(int64_t P, int64_t K, int c, Rng& rng) {
   std::vector<std::vector<std::pair<int64_t, float>>> rows(K);
   for (int r = 0; r < c; ++r)
-    for (int64_t p = 0; p < P; ++p) rows[rng.below(K)].push_back({p, rng.next() & 1 ? 1.f : -1.f});
+    for (int64_t p = 0; p < P; ++p) {
+      rows[rng.below(K)].push_back({p, rng.next() & 1 ? 1.f : -1.f});
+    }
   Csr t{{0}, {}, {}, K};
   for (auto& row : rows) {
     for (auto [p, s] : row) t.src.push_back(p), t.sgn.push_back(s);
@@ -99,7 +101,9 @@ std::vector<double> reference(const Case& k, double scale, bool per_token) {
   return out;
 }
 
-unsigned capped(int64_t n, int64_t cap) { return static_cast<unsigned>(std::max<int64_t>(1, std::min(n, cap))); }
+unsigned capped(int64_t n, int64_t cap) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(n, cap)));
+}
 
 // factgrass_cuda.cu's launch sequence on the emulator; cap_yz / cap_1d bound the grids.
 template <typename acc_t>

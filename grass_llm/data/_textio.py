@@ -101,7 +101,7 @@ def textdir_entries(path: Path) -> list[tuple[int, str]]:
     Raises:
         DataError: No .txt/.md file is there.
     """
-    files = sorted(_visible_files(path))
+    files = sorted(visible_files(path))
     if not any(rel.endswith(TEXTDIR_SUFFIXES) for rel in files):
         raise DataError(str(path), f"no {'/'.join(TEXTDIR_SUFFIXES)} files in this directory",
                         "Point to a directory of text files, or pass format= explicitly")
@@ -129,7 +129,7 @@ def parse_textdir(root: str, entries) -> Iterator[tuple]:
         yield "add", index, {"text": text}, location, rel
 
 
-def _visible_files(root: Path) -> Iterator[str]:
+def visible_files(root: Path) -> Iterator[str]:
     """Relative paths (with ``/``) of the files under ``root``, skipping hidden entries."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # prune: don't descend

@@ -4,10 +4,17 @@ path (``read_records`` + ``tokenize_records`` + ``dataset_fingerprint`` on every
 For each corpus size (synthetic JSON Lines, ~30 tokens per document with the SmolLM2
 tokenizer, 4 in 5 plain text and 1 in 5 prompt/completion) and each number of ranks, it starts
 fresh rank processes (``torch.distributed.run``, gloo) and measures per rank the seconds of
-``open_or_build`` cold (empty cache) and on resume (cache present), and the peak host RSS
-(``ru_maxrss``) of the rank process and of its tokenizing workers; the old path is measured at
-the sizes where it fits in memory (``--old-max``). Seconds on a shared machine are noisy; peak
-RSS is not. Prints a markdown table.
+``open_or_build`` cold (empty cache) and on resume (cache present), and the peak host RSS of
+the rank process and of its tokenizing workers; the old path is measured at the sizes where it
+fits in memory (``--old-max``). Seconds on a shared machine are noisy; peak RSS is not.
+Prints a markdown table.
+
+Peak RSS is each process's own ``VmHWM`` (/proc/<pid>/status), not ``ru_maxrss``: Linux
+carries into ``ru_maxrss`` the high-water mark of the image a process had before ``exec``,
+i.e. that of its parent at ``fork``, so every spawned worker (and every rank, started by
+torchrun) would report at least its parent's peak. Workers are sampled by a thread of their
+rank every 0.2 s while they live (VmHWM only grows, so the last sample is their peak to within
+that interval).
 
     python tools/bench_corpus.py --sizes 100000,1000000,5000000 --ranks 1,2
 
@@ -27,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,8 +46,41 @@ WORDS = ("the of and to in is was for on that with as by at from his her an whic
          "between during after before under against around through").split()
 
 
-def _rss_mb(who=resource.RUSAGE_SELF) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024  # KiB on Linux
+def _hwm_mb(pid="self") -> float:
+    """Peak RSS (MiB) of one process image: VmHWM (see the module docstring)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if pid == "self" else 0.0
+
+
+class _ChildPeaks(threading.Thread):
+    """Samples the VmHWM of this process's children (the tokenizing workers)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self._done = 0.0, threading.Event()
+
+    def run(self) -> None:
+        me = str(os.getpid())
+        while not self._done.wait(0.2):
+            for entry in os.listdir("/proc"):
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        ppid = f.read().rsplit(")", 1)[1].split()[1]
+                except (OSError, IndexError):
+                    continue
+                if ppid == me:
+                    self.peak = max(self.peak, _hwm_mb(entry))
+
+    def stop(self) -> float:
+        self._done.set()
+        self.join()
+        return self.peak
 
 
 def _load_tokenizer(name: str):
@@ -78,9 +119,11 @@ def rank_job(args) -> None:
     from grass_llm.parallel import comm
     from grass_llm.parallel.dist import init_distributed
 
-    info = init_distributed()
+    info = init_distributed(timeout_s=6 * 3600)  # rank 1 waits out rank 0's cold build
     tok = _load_tokenizer(args.tokenizer)
-    base = _rss_mb()
+    base = _hwm_mb()
+    children = _ChildPeaks()
+    children.start()
     t0 = time.perf_counter()
     if args.job == "old":
         from grass_llm.data import read_records, tokenize_records
@@ -101,9 +144,10 @@ def rank_job(args) -> None:
         n, tokens = corpus.n_examples, corpus.n_tokens
         corpus.example(n // 2)  # a read through the maps
     seconds = time.perf_counter() - t0
+    workers = children.stop()
     comm.barrier()
-    out = {"rank": info.rank, "seconds": seconds, "rss_mb": _rss_mb(), "base_rss_mb": base,
-           "workers_rss_mb": _rss_mb(resource.RUSAGE_CHILDREN), "n": n, "tokens": tokens}
+    out = {"rank": info.rank, "seconds": seconds, "rss_mb": _hwm_mb(), "base_rss_mb": base,
+           "workers_rss_mb": workers, "n": n, "tokens": tokens}
     Path(args.out, f"rank{info.rank}.json").write_text(json.dumps(out))
 
 

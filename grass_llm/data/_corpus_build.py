@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from pathlib import Path
 
@@ -95,7 +95,13 @@ def build(folder: Path, data: Path, fmt: str, split: str | None, tokenizer, spec
 def _apply(seq: Sequencer, item, bar) -> None:
     if isinstance(item, tuple):  # a ("raise", None, error) chunk: an error met while reading
         raise item[2]
-    result = item.result()
+    try:
+        result = item.result()
+    except BrokenProcessPool as err:
+        raise RuntimeError(
+            "a tokenizing worker process died (killed for lack of memory? or a script that "
+            "starts processes without `if __name__ == \"__main__\":`, which spawned workers "
+            "need); pass num_proc=1 to tokenize in this process") from err
     seq.apply(result)
     bar.update(result.n_items)
     elapsed = bar.format_dict.get("elapsed") or 0.0
@@ -163,7 +169,6 @@ class Sequencer:
         self.n_read_skipped = self.n_tok_skipped = 0
         self.records, self.examples = HashIndex(), HashIndex()
         self.deferred: BaseException | None = None
-        self.n_records = 0
         self._read_file = open(tables.folder / "build_skipped_read.jsonl", "w")
         self._tok_file = open(tables.folder / "build_skipped_tok.jsonl", "w")
 
@@ -178,7 +183,6 @@ class Sequencer:
         self.t.rec_locs.append(*blob(r.rec_locs))
         rows = base + np.flatnonzero(accepted)
         self.records.add(r.rec_hash[accepted], rows)
-        self.n_records += int(accepted.sum())
         if not self.failed:
             self._tok_level(r, accepted)
         self.n_read_skipped += self._flush(self.read, self._read_file)

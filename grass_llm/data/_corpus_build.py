@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from grass_llm.data._corpus_tables import HashIndex, Tables, blob
+from grass_llm.data._corpus_tables import HashIndex, Tables
 from grass_llm.data._corpus_worker import (
     ChunkResult,
     WorkerState,
@@ -37,7 +37,7 @@ from grass_llm.data._corpus_worker import (
     relative_location,
     tokenize_chunk,
 )
-from grass_llm.data.readers import CHUNK_RECORDS, iter_chunks
+from grass_llm.data.readers import CHUNK_BYTES, CHUNK_RECORDS, iter_chunks
 from grass_llm.data.records import Reporter, duplicate_reason
 from grass_llm.data.tokenize import Specials, duplicate_example_reason
 
@@ -49,12 +49,13 @@ _BUILD_FILES = ("build_record_ids.bin", "build_record_ids_offsets.i64", "build_r
 
 def build(folder: Path, data: Path, fmt: str, split: str | None, tokenizer, specials: Specials,
           *, max_length: int, overflow: str, on_error: str, num_proc: int, progress: bool,
-          chunk_records: int = CHUNK_RECORDS) -> dict:
+          chunk_records: int = CHUNK_RECORDS, chunk_bytes: int = CHUNK_BYTES) -> dict:
     """Writes the tokenized corpus into ``folder`` (an empty directory).
 
     Args:
         num_proc: Worker processes (1: tokenize in this process).
-        chunk_records: Records per chunk (tests make it small to get many chunks).
+        chunk_records, chunk_bytes: Records (bytes of lines) per chunk (see
+            ``readers.iter_chunks``; tests make them small to get many chunks).
 
     Returns:
         ``{"n_examples", "n_tokens", "n_skipped", "fingerprint"}``.
@@ -71,7 +72,8 @@ def build(folder: Path, data: Path, fmt: str, split: str | None, tokenizer, spec
     try:
         with (_Inline(state) if num_proc <= 1 else _Pool(num_proc, state)) as pool:
             window: deque = deque()
-            for chunk in iter_chunks(data, fmt, split, max_records=chunk_records):
+            for chunk in iter_chunks(data, fmt, split, max_records=chunk_records,
+                                     max_bytes=chunk_bytes):
                 window.append(chunk if chunk[0] == "raise" else pool.submit(chunk, not seq.failed))
                 while len(window) > 2 * pool.workers:
                     _apply(seq, window.popleft(), bar)
@@ -179,8 +181,8 @@ class Sequencer:
     def apply(self, r: ChunkResult) -> None:
         accepted = self._read_level(r)
         base = self.t.rec_ids.n
-        self.t.rec_ids.append(*blob(r.rec_ids))
-        self.t.rec_locs.append(*blob(r.rec_locs))
+        self.t.rec_ids.append(r.rec_ids)
+        self.t.rec_locs.append(r.rec_locs)
         rows = base + np.flatnonzero(accepted)
         self.records.add(r.rec_hash[accepted], rows)
         if not self.failed:

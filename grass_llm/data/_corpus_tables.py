@@ -10,13 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grass_llm.data._corpus_worker import ChunkResult, from_utf8, utf8
-
-
-def blob(strings: list[str]) -> tuple[bytes, np.ndarray]:
-    """The UTF-8 bytes of ``strings`` concatenated, and each one's length (int64 [n])."""
-    encoded = [utf8(s) for s in strings]
-    return b"".join(encoded), np.fromiter(map(len, encoded), np.int64, len(encoded))
+from grass_llm.data._corpus_worker import ChunkResult, Strings, from_utf8
 
 
 class HashIndex:
@@ -55,11 +49,12 @@ class HashIndex:
         self._keys.append(keys[order])
         self._rows.append(np.asarray(rows, np.int64)[order])
         while len(self._keys) > 1 and len(self._keys[-2]) < 2 * len(self._keys[-1]):
-            keys = np.concatenate([self._keys.pop(-2), self._keys.pop()])
-            rows = np.concatenate([self._rows.pop(-2), self._rows.pop()])
-            order = np.argsort(keys, kind="stable")
-            self._keys.append(keys[order])
-            self._rows.append(rows[order])
+            new_keys, new_rows = self._keys.pop(), self._rows.pop()
+            # A merge of two sorted runs: the result is the only new array of the old one's
+            # size (a concatenate + argsort would take about three).
+            at = np.searchsorted(self._keys[-1], new_keys, side="right")
+            self._keys[-1] = np.insert(self._keys[-1], at, new_keys)
+            self._rows[-1] = np.insert(self._rows[-1], at, new_rows)
 
 
 class StrTable:
@@ -78,11 +73,12 @@ class StrTable:
         if self._on_write is not None:
             self._on_write(part, data)
 
-    def append(self, blob: bytes, lengths: np.ndarray) -> None:
-        self._write(self.blob, blob, "blob")
-        self._write(self.offsets, (self.size + np.cumsum(lengths)).astype("<i8"), "offsets")
-        self.size += len(blob)
-        self.n += len(lengths)
+    def append(self, strings: Strings) -> None:
+        self._write(self.blob, strings.blob, "blob")
+        self._write(self.offsets, (self.size + np.cumsum(strings.lengths)).astype("<i8"),
+                    "offsets")
+        self.size += len(strings.blob)
+        self.n += len(strings)
 
     def get(self, i: int) -> str:
         """String ``i`` (read back from disk: for the rare exact comparison)."""
@@ -146,16 +142,15 @@ class Tables:
             per_token = np.repeat(keep, lengths)
             tokens, mask = tokens[per_token], mask[per_token]
             lengths, n_targets = lengths[keep], n_targets[keep]
-            ids = [s for s, k in zip(ids, keep) if k]
-            locs = [s for s, k in zip(locs, keep) if k]
+            ids, locs = ids.select(keep), locs.select(keep)
         self._put("tokens.i32", tokens, "tokens")
         self._put("mask.u8", mask, "mask")
         self._put("lengths.i32", lengths)
         self._put("n_targets.i32", n_targets)
         self._put("offsets.i64", (self.n_tokens + np.cumsum(lengths)).astype("<i8"), "offsets")
         self.n_tokens += int(lengths.sum())
-        self.ids.append(*blob(ids))
-        self.locs.append(*blob(locs))
+        self.ids.append(ids)
+        self.locs.append(locs)
 
     def close(self) -> None:
         for f in self._files.values():

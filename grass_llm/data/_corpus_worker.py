@@ -53,6 +53,40 @@ def absolute_location(stored: str, prefix: str) -> str:
     return stored[1:] if stored.startswith("\0") else prefix + stored
 
 
+class Strings:
+    """Strings as one UTF-8 blob plus their byte lengths (int64 [n]): how a chunk's ids and
+    locations travel from a worker and are written, with no Python object per string on the
+    main side (a string is decoded only when looked at, for a problem)."""
+
+    def __init__(self, blob: bytes = b"", lengths: np.ndarray | None = None):
+        self.blob = blob
+        self.lengths = np.zeros(0, np.int64) if lengths is None else lengths
+        self._ends: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, encoded: list[bytes]) -> Strings:
+        """From UTF-8 strings (``utf8``)."""
+        return cls(b"".join(encoded), np.fromiter(map(len, encoded), np.int64, len(encoded)))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> str:
+        ends = self._offsets()
+        return from_utf8(self.blob[ends[i]:ends[i + 1]])
+
+    def _offsets(self) -> np.ndarray:
+        if self._ends is None:
+            self._ends = np.concatenate([[0], np.cumsum(self.lengths)])
+        return self._ends
+
+    def select(self, keep: np.ndarray) -> Strings:
+        """The strings where ``keep`` (bool [n])."""
+        ends = self._offsets()
+        return Strings(b"".join(self.blob[ends[i]:ends[i + 1]] for i in np.flatnonzero(keep)),
+                       self.lengths[keep])
+
+
 @dataclass
 class WorkerState:
     """What a worker needs: the tokenizer and the tokenize settings."""
@@ -88,12 +122,13 @@ class ChunkResult:
     Attributes:
         events: ``(j, event)``: a reading event (``("problem", location, reason, id)``,
             ``("note", Skipped)`` or ``("raise", error)``) met before candidate record j.
-        rec_ids, rec_locs: Id and location of each candidate record.
+        rec_ids, rec_locs: Id and location of each candidate record (``Strings``).
         rec_hash: uint64 [J], ``id_hashes`` of the ids.
         tok_events: ``(j, kind, payload)`` in order: ``("invalid", reason)``, ``("raise",
             error)`` or ``("window", Skipped)`` (a target-less window of a chunked record).
         rec_n_ex: int64 [J], examples of each record (0 when it failed).
-        ex_ids, ex_locs: Id and stored location (``relative_location``) of each example.
+        ex_ids, ex_locs: Id and stored location (``relative_location``) of each example
+            (``Strings``).
         ex_hash: uint64 [K], hashes of the example ids (only with ``overflow="chunk"``, where
             they can differ from the record ids).
         tokens: int32 [N], the examples' token ids concatenated; mask: uint8 [N], 1 where the
@@ -103,13 +138,13 @@ class ChunkResult:
     """
 
     events: list = field(default_factory=list)
-    rec_ids: list = field(default_factory=list)
-    rec_locs: list = field(default_factory=list)
+    rec_ids: Strings = field(default_factory=Strings)
+    rec_locs: Strings = field(default_factory=Strings)
     rec_hash: np.ndarray | None = None
     tok_events: list = field(default_factory=list)
     rec_n_ex: np.ndarray | None = None
-    ex_ids: list = field(default_factory=list)
-    ex_locs: list = field(default_factory=list)
+    ex_ids: Strings = field(default_factory=Strings)
+    ex_locs: Strings = field(default_factory=Strings)
     ex_hash: np.ndarray | None = None
     tokens: np.ndarray | None = None
     mask: np.ndarray | None = None
@@ -148,9 +183,9 @@ def tokenize_chunk(state: WorkerState, chunk, tokenize: bool = True) -> ChunkRes
             records.append(Record(rid, value, location))
     except Exception as err:  # noqa: BLE001 - raised in order by the main process
         out.events.append((len(records), ("raise", portable(err))))
-    out.rec_ids = [r.id for r in records]
-    out.rec_locs = [r.location for r in records]
-    out.rec_hash = id_hashes([utf8(i) for i in out.rec_ids])
+    encoded = [utf8(r.id) for r in records]
+    out.rec_ids, out.rec_hash = Strings.of(encoded), id_hashes(encoded)
+    out.rec_locs = Strings.of([utf8(r.location) for r in records])
     _tokenize(state, records if tokenize else [], out)
     return out
 
@@ -160,6 +195,8 @@ def _tokenize(state: WorkerState, records: list[Record], out: ChunkResult) -> No
     ids: list[int] = []
     labels: list[int] = []
     lengths: list[int] = []
+    ex_ids: list[bytes] = []
+    ex_locs: list[bytes] = []
     n_ex = np.zeros(len(out.rec_ids), np.int64)
     for j, record in enumerate(records):
         skipped: list[Skipped] = []
@@ -174,14 +211,17 @@ def _tokenize(state: WorkerState, records: list[Record], out: ChunkResult) -> No
             continue
         out.tok_events.extend((j, "window", s) for s in skipped)
         n_ex[j] = len(windows)
-        location = relative_location(record.location, state.prefix)
+        location = utf8(relative_location(record.location, state.prefix))
         for ex in windows:
-            out.ex_ids.append(ex.id)
-            out.ex_locs.append(location)
+            ex_ids.append(utf8(ex.id))
+            ex_locs.append(location)
             ids.extend(ex.input_ids)
             labels.extend(ex.labels)
             lengths.append(len(ex.input_ids))
     out.rec_n_ex = n_ex
+    out.ex_ids, out.ex_locs = Strings.of(ex_ids), Strings.of(ex_locs)
+    if state.overflow == "chunk":
+        out.ex_hash = id_hashes(ex_ids)
     tokens = np.array(ids, dtype=np.int64)
     if tokens.size and (tokens.min() < 0 or tokens.max() > _INT32_MAX):
         raise ValueError(f"token ids must be in 0..{_INT32_MAX}, found {tokens.min()}.."
@@ -194,8 +234,6 @@ def _tokenize(state: WorkerState, records: list[Record], out: ChunkResult) -> No
     out.tokens, out.mask = tokens.astype("<i4"), mask.astype(np.uint8)
     out.lengths = np.array(lengths, dtype="<i4")
     out.n_targets = _targets_after_first(out.mask, out.lengths)
-    if state.overflow == "chunk":
-        out.ex_hash = id_hashes([utf8(i) for i in out.ex_ids])
 
 
 def _targets_after_first(mask: np.ndarray, lengths: np.ndarray) -> np.ndarray:

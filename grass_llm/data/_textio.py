@@ -7,6 +7,7 @@ is reported with its line number and byte offset instead of a bare ``UnicodeDeco
 from __future__ import annotations
 
 import codecs
+import itertools
 import json
 import os
 import re
@@ -19,22 +20,9 @@ from grass_llm.data.records import DataError, Skipped
 TEXTDIR_SUFFIXES = (".txt", ".md")
 
 _WS = re.compile(r"[ \t\n\r]*")
+# A blank line: nothing but the ASCII whitespace ``bytes.strip`` removes, then its line end.
+_BLANK_LINE = re.compile(rb"^[ \t\r\x0b\x0c]*\n", re.M)
 _DECODER = json.JSONDecoder()
-
-
-def _lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
-    """Yields ``(line number (1-based), byte offset of the line, line bytes)`` of a file.
-
-    The line ending (``\\n`` or ``\\r\\n``) is removed; a UTF-8 byte-order mark is dropped.
-    """
-    offset = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            start = offset
-            offset += len(raw)
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw, start = raw[len(codecs.BOM_UTF8):], start + len(codecs.BOM_UTF8)
-            yield lineno, start, raw.rstrip(b"\n").rstrip(b"\r")
 
 
 def _utf8_reason(err: UnicodeDecodeError, line_offset: int, decoded_from: int = 0) -> str:
@@ -50,35 +38,65 @@ def _utf8_reason(err: UnicodeDecodeError, line_offset: int, decoded_from: int = 
             f"(byte {at - line_offset} of the line); re-encode the file as UTF-8")
 
 
-def line_entries(path: Path) -> Iterator[tuple[int, int, int, bytes]]:
-    """``(record index, line number, byte offset, line bytes)`` of each non-blank line: the raw
-    material of the one-record-per-line formats (decoded by ``parse_lines``)."""
-    index = 0
-    for lineno, offset, raw in _lines(path):
+def line_blocks(path: Path, max_bytes: int) -> Iterator[tuple[tuple[int, int, int], bytes]]:
+    """Consecutive whole lines of a file in blocks of about ``max_bytes``: ``((record index,
+    line number, byte offset) of the block's first line, block)``, the raw material of the
+    one-record-per-line formats, split and decoded by ``parse_lines`` (possibly in another
+    process: the part that runs here is C-speed reading and counting). A UTF-8 byte-order mark
+    at the start is dropped. Record indices count the non-blank lines.
+    """
+    index, lineno, offset = 0, 1, 0
+    buf = bytearray()
+    with open(path, "rb", buffering=0) as f:
+        first = f.read(max(max_bytes, len(codecs.BOM_UTF8)))
+        if first.startswith(codecs.BOM_UTF8):
+            first, offset = first[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
+        for data in itertools.chain([first], iter(lambda: f.read(max_bytes), b"")):
+            end = data.rfind(b"\n")
+            if end < 0:  # no line ends here: a long line, keep reading
+                buf += data
+                continue
+            cut = len(buf) + end + 1
+            buf += data
+            block, buf = bytes(buf[:cut]), buf[cut:]
+            yield (index, lineno, offset), block
+            n = block.count(b"\n")
+            index += n - len(_BLANK_LINE.findall(block))
+            lineno, offset = lineno + n, offset + len(block)
+    if buf:  # the last line, without a line ending
+        yield (index, lineno, offset), bytes(buf)
+
+
+def parse_lines(path: str, fmt: str, start: tuple[int, int, int], block: bytes
+                ) -> Iterator[tuple]:
+    """Events (see ``readers.parse_chunk``) of a ``line_blocks`` block of a ``"jsonl"`` file
+    (one JSON object per line) or a ``"text"`` file (one ``{"text": line}`` document per line).
+    Blank lines are ignored (and take no record index); the line ending (``\n`` or ``\r\n``)
+    is removed."""
+    index, lineno, offset = start
+    lines = block.split(b"\n")
+    if block.endswith(b"\n"):
+        lines.pop()  # the empty piece after the last line ending
+    for line in lines:
+        raw = line.rstrip(b"\r")
         if raw.strip():
-            yield index, lineno, offset, raw
+            yield _parse_line(fmt, index, f"{path}:{lineno}", offset, raw)
             index += 1
+        lineno, offset = lineno + 1, offset + len(line) + 1
 
 
-def parse_lines(path: str, fmt: str, entries) -> Iterator[tuple]:
-    """Events (see ``readers.parse_chunk``) of ``line_entries`` of a ``"jsonl"`` file (one JSON
-    object per line) or a ``"text"`` file (one ``{"text": line}`` document per line)."""
-    for index, lineno, offset, raw in entries:
-        location = f"{path}:{lineno}"
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            yield "problem", location, _utf8_reason(err, offset, offset), None
-            continue
-        if fmt == "text":
-            yield "add", index, {"text": text}, location, None
-            continue
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as err:
-            yield "problem", location, f"invalid JSON: {err.msg} (column {err.colno})", None
-            continue
-        yield "add", index, value, location, None
+def _parse_line(fmt: str, index: int, location: str, offset: int, raw: bytes) -> tuple:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return "problem", location, _utf8_reason(err, offset, offset), None
+    if fmt == "text":
+        return "add", index, {"text": text}, location, None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        return "problem", location, f"invalid JSON: {err.msg} (column {err.colno})", None
+    return "add", index, value, location, None
 
 
 def _decode_file(path: Path, location: str) -> str:

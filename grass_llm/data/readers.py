@@ -16,7 +16,7 @@ from types import ModuleType
 from grass_llm.data._textio import (
     TEXTDIR_SUFFIXES,
     json_values,
-    line_entries,
+    line_blocks,
     parse_lines,
     parse_textdir,
     textdir_entries,
@@ -39,9 +39,10 @@ _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _DIR_FORMATS = ("textdir", "hf")
 _BATCH_ROWS = 1024  # rows converted to Python per Arrow batch: bounds memory on big tables
-# A chunk (the unit handed to a tokenizing worker) holds at most this many records or raw bytes.
-CHUNK_RECORDS = 2048
-CHUNK_BYTES = 8 << 20
+# A chunk (the unit handed to a tokenizing worker) holds about this many records (JSON values,
+# files, table rows) or bytes of lines (JSON Lines, text).
+CHUNK_RECORDS = 1024
+CHUNK_BYTES = 256 << 10
 
 
 @dataclass
@@ -116,63 +117,72 @@ def resolve_format(path: str | os.PathLike, format: str = "auto",
 def iter_chunks(path: Path, fmt: str, split: str | None = None, *,
                 max_records: int = CHUNK_RECORDS, max_bytes: int = CHUNK_BYTES):
     """The raw material of a corpus, in file order, in chunks that ``parse_chunk`` turns into
-    events: the part of reading that must run in order (file I/O, splitting into records),
-    leaving decoding and parsing to ``parse_chunk``, which may run in another process.
+    events: what must run in order (reading the files; parsing a JSON file, which is one
+    document) here, the rest (splitting and decoding lines, parsing JSON Lines, reading the
+    files of a directory, converting table rows) in ``parse_chunk``, which may run in another
+    process.
 
-    A chunk is ``(kind, info, entries)`` with at most ``max_records`` records (or about
-    ``max_bytes`` raw bytes). An error met while reading (say an ``OSError`` mid-file) comes as a
-    final chunk ``("raise", None, error)`` after the records read before it, so whoever applies
-    the chunks in order raises it where ``read_records`` would.
+    A chunk is ``(kind, info, entries)``: about ``max_bytes`` of whole lines of a JSON Lines or
+    text file, or up to ``max_records`` records of the other formats. An error met while
+    reading (say an ``OSError`` mid-file) comes as a final chunk ``("raise", None, error)``
+    after the records read before it, so whoever applies the chunks in order raises it where
+    ``read_records`` would.
 
     Raises:
         DataError: Problems with the corpus as a whole, before the first chunk (see
-            ``read_records``).
+            ``read_records``), or as its first chunk.
     """
     if fmt in ("jsonl", "text"):
-        entries, info, size = line_entries(path), (str(path), fmt), lambda e: len(e[3])
-    elif fmt == "json":
-        entries, info, size = json_values(path), None, None
-    elif fmt == "textdir":
-        entries, info, size = textdir_entries(path), str(path), None
-    else:
+        blocks = line_blocks(path, max_bytes)
+        yield from _guarded(("lines", (str(path), fmt, start), block) for start, block in blocks)
+        return
+    if fmt in ("parquet", "hf"):
         label, batches = _arrow_source(path, fmt, split)
-        yield from _arrow_chunks(label, batches, max_records)
+        yield from _guarded(_arrow_chunks(label, batches, max_records))
         return
-    kind = {"jsonl": "lines", "text": "lines", "json": "values", "textdir": "files"}[fmt]
-    chunk, nbytes = [], 0
-    try:
-        for entry in entries:
-            chunk.append(entry)
-            nbytes += size(entry) if size is not None else 0
-            if len(chunk) >= max_records or nbytes >= max_bytes:
-                yield kind, info, chunk
-                chunk, nbytes = [], 0
-    except Exception as err:  # noqa: BLE001 - raised in order, after the records before it
-        if chunk:
-            yield kind, info, chunk
-        yield "raise", None, err
-        return
+    entries = json_values(path) if fmt == "json" else textdir_entries(path)
+    kind, info = ("values", None) if fmt == "json" else ("files", str(path))
+    yield from _guarded((kind, info, chunk) for chunk in _batched(entries, max_records))
+
+
+def _batched(items, n: int):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= n:
+            yield chunk
+            chunk = []
     if chunk:
-        yield kind, info, chunk
+        yield chunk
+
+
+def _guarded(chunks):
+    """``chunks``, then an error met while making them as a last chunk ``("raise", None,
+    error)``."""
+    try:
+        yield from chunks
+    except Exception as err:  # noqa: BLE001 - raised in order, after the records before it
+        yield "raise", None, err
 
 
 def _arrow_chunks(label: str, batches, max_records: int):
     """Chunks ``("arrow", (label, first row index), [record batches])`` of an Arrow source."""
-    chunk, rows, start = [], 0, 0
-    try:
-        for batch in batches:
-            chunk.append(batch)
-            rows += batch.num_rows
-            if rows >= max_records:
-                yield "arrow", (label, start), chunk
-                chunk, start, rows = [], start + rows, 0
-    except Exception as err:  # noqa: BLE001 - see iter_chunks
-        if chunk:
-            yield "arrow", (label, start), chunk
-        yield "raise", None, err
-        return
-    if chunk:
+    start = 0
+    for chunk in _batched_rows(batches, max_records):
         yield "arrow", (label, start), chunk
+        start += sum(batch.num_rows for batch in chunk)
+
+
+def _batched_rows(batches, n: int):
+    chunk, rows = [], 0
+    for batch in batches:
+        chunk.append(batch)
+        rows += batch.num_rows
+        if rows >= n:
+            yield chunk
+            chunk, rows = [], 0
+    if chunk:
+        yield chunk
 
 
 def parse_chunk(chunk):
@@ -188,7 +198,7 @@ def parse_chunk(chunk):
     """
     kind, info, entries = chunk
     if kind == "lines":
-        yield from parse_lines(info[0], info[1], entries)
+        yield from parse_lines(*info, entries)
     elif kind == "values":
         for index, value, location in entries:
             yield "add", index, value, location, None

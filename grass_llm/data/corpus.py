@@ -7,26 +7,30 @@ token ids, labels, locations), skipped list and errors as
 * **built once**: the result is cached under ``<cache root>/corpora/<key>/`` (cache root:
   ``cache_dir``, ``$GRASS_LLM_CACHE`` or ``~/.cache/grass_llm``); a resumed or repeated run
   opens it in about the time it takes to hash the data file. The key covers the data's content
-  (the file's bytes; every file's relative path and bytes for a directory), the tokenizer (its
-  vocabulary, special tokens, full Rust definition, chat template and output on a probe
-  text), ``max_length``, ``overflow``, ``on_error``, ``add_eos``, ``add_bos`` and the special
-  tokens they resolve to, and ``FORMAT_VERSION``. Not the path: a moved corpus reuses its
-  cache (and locations name where it is now).
+  (the file's bytes; every file's relative path and bytes for a directory), the tokenizer
+  (``grass_llm.data.identity.tokenizer_fingerprint``: its definition, special tokens, chat
+  template and output on a probe text), ``max_length``, ``overflow``, ``on_error``,
+  ``add_eos``, ``add_bos`` and the special tokens they resolve to, and ``FORMAT_VERSION``. Not
+  the path: a moved corpus reuses its cache (and locations name where it is now).
 * **streamed**: the corpus is read in chunks and tokenized on every core; memory is a few
   chunks plus 16 bytes per record (the duplicate-id check), never the corpus.
 * **memory-mapped**: every rank maps the files and reads only the rows it uses.
 
-Engine, chosen by measuring (SmolLM2 tokenizer, short documents, this project's 2-core CPU
-machines): the tokenizer itself is ~70% of the old path's time and the Python around it (JSON
-parsing, labels, windows) ~30%. A fast tokenizer's batch call runs the Rust part on all cores,
-but leaves that Python part on one, which caps the speed-up near 3x however many cores there
-are; so chunks go to a pool of worker processes (one per core, each batching its chunk into one
-tokenizer call), which runs *all* of it in parallel, with the very functions the old path uses
-(``readers.parse_chunk``, ``tokenize.tokenize_record``), so the two cannot drift apart. Hugging
-Face ``datasets.map(num_proc=...)`` would parallelize the same way but must first copy the raw
-corpus into Arrow through its own readers (different ids, locations and error messages) and
-checks duplicates only per shard; the files here are plain NumPy arrays (int32 tokens + int64
-offsets), mapped with ``np.memmap``, which is all the per-rank reads need.
+Engine, chosen by measuring (SmolLM2 tokenizer, ~26-token documents, one thread, on this
+project's loaded 2-core machines, so +-50%): per document the Rust tokenizer takes ~40-60 us,
+transformers' Python around a batched call (a dict of lists per text) ~10-25 us, and the
+per-record Python (parsing, the old path's labels and windows, packing into arrays) ~15-20 us.
+A fast tokenizer's batch call (``TOKENIZERS_PARALLELISM``) runs only the Rust part on all
+cores; the third or more that is Python stays on one and caps the speed-up near 3x however
+many cores there are (Amdahl). So chunks go to a pool of spawned worker processes (one per
+core, each batching its chunk into one tokenizer call), which runs *all* of it in parallel,
+with the very functions the old path uses (``readers.parse_chunk``,
+``tokenize.tokenize_record``), so the two cannot drift apart; the main process only reads
+bytes and applies results in order. Hugging Face ``datasets.map(num_proc=...)`` parallelizes
+the same way but must first copy the raw corpus into Arrow through its own readers (other ids,
+locations and error messages) and sees duplicates only within a shard; the files here are
+plain NumPy arrays (int32 tokens + int64 offsets) mapped with ``np.memmap``, which is all the
+per-rank reads need.
 
 Layout of a corpus folder (n examples, N tokens; little-endian):
 
@@ -48,6 +52,10 @@ Distributed runs: every rank calls ``open_or_build``; rank 0 builds when the cac
 files. This assumes the cache root is on a filesystem every rank of the run sees (a shared
 home or ``$GRASS_LLM_CACHE``); the wait is bounded by the process group's timeout (30 minutes
 from ``init_distributed``), so build a very large corpus beforehand in one process.
+
+Workers are spawned, not forked (the caller may hold threads, CUDA, a process group): they
+import the caller's main module again, so a script needs ``if __name__ == "__main__":`` (or
+``num_proc=1``). See docs/corpus.md.
 """
 
 from __future__ import annotations

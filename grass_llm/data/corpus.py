@@ -106,7 +106,7 @@ class TokenizedCorpus:
         key: Its cache key (the folder's name when built by ``open_or_build``).
         fingerprint: Hash (hex) of every example's id, token ids and labels, in order: differs
             when any of them differs; for the store's identity.
-        n_examples, n_tokens: Counts.
+        n_examples, n_tokens, n_skipped: Counts.
         lengths: int32 [n], tokens per example (memory-mapped, as are the next ones).
         n_targets: int32 [n], target tokens among positions 1.. of each example.
         offsets: int64 [n+1]; tokens: int32 [N]; mask: uint8 [N] (see the layout).
@@ -118,6 +118,7 @@ class TokenizedCorpus:
         self.fingerprint: str = meta["fingerprint"]
         self.n_examples: int = meta["n_examples"]
         self.n_tokens: int = meta["n_tokens"]
+        self.n_skipped: int = meta["n_skipped"]
         sizes = {"n": self.n_examples, "n+1": self.n_examples + 1, "N": self.n_tokens,
                  **meta["blob_bytes"]}
         arrays = {name: _map(path / file, dtype, sizes[size])
@@ -142,8 +143,11 @@ class TokenizedCorpus:
         """
         path = Path(path)
         meta = _read_meta(path)
-        corpus = cls(path, meta, str(Path(data)) if data is not None else meta["data"])
-        return corpus
+        try:
+            return cls(path, meta, str(Path(data)) if data is not None else meta["data"])
+        except KeyError as err:
+            raise CorpusCacheError(f"{path / META_FILE} lacks {err}: the corpus folder is "
+                                   f"damaged; delete {path} to rebuild it") from None
 
     @classmethod
     def open_or_build(cls, data: str | os.PathLike, tokenizer, *, max_length: int,
@@ -234,7 +238,7 @@ class TokenizedCorpus:
         "corpus_key", "corpus_path", "skipped_count"}``."""
         return {"fingerprint": self.fingerprint, "n_examples": self.n_examples,
                 "n_tokens": self.n_tokens, "corpus_key": self.key,
-                "corpus_path": str(self.path), "skipped_count": self.meta["n_skipped"]}
+                "corpus_path": str(self.path), "skipped_count": self.n_skipped}
 
     def _index(self, i: int) -> int:
         if not -self.n_examples <= i < self.n_examples:
@@ -383,8 +387,9 @@ def _commit(tmp: Path, folder: Path) -> None:
 
 
 def _remove_stale(root: Path) -> None:
-    """Removes build folders left by killed builds on this host (their process is gone). Those
-    of other hosts are left alone (they may be running); they are never read."""
+    """Removes build folders left by killed builds on this host (their process is gone; those
+    of other hosts are left alone: they may be running, and are never read) and damaged
+    folders set aside by ``_commit``."""
     host = socket.gethostname()
     for entry in root.glob(".*.tmp-*@*"):
         base, _, entry_host = entry.name.rpartition("@")
@@ -394,6 +399,8 @@ def _remove_stale(root: Path) -> None:
             continue
         if entry_host == host and not _alive(pid):
             shutil.rmtree(entry, ignore_errors=True)
+    for entry in root.glob(".*.damaged-*"):
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

@@ -4,9 +4,10 @@ process (``Sequencer``), which checks what needs the whole corpus (duplicate ids
 ``on_error`` policy exactly as ``read_records`` + ``tokenize_records`` do, and appends the
 examples to flat files (``Tables``).
 
-Memory is bounded by a few chunks plus 16 bytes per record (a sorted 64-bit hash of each id and
-its row, for the duplicate check; an equal hash is settled by comparing the ids themselves, read
-back from disk, so a hash collision never reports a false duplicate).
+Memory is bounded by a few chunks plus 16 bytes per record, 32 while sorted runs merge (a
+sorted 64-bit hash of each id and its row, for the duplicate check; an equal hash is settled by
+comparing the ids themselves, read back from disk, so a hash collision never reports a false
+duplicate).
 
 Order of errors, as in the old path, where reading finishes before tokenizing starts: a problem
 found while reading (bad JSON, a duplicate id, ...) is raised where it is met; the first problem

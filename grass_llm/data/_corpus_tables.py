@@ -16,7 +16,8 @@ from grass_llm.data._corpus_worker import ChunkResult, Strings, from_utf8
 class HashIndex:
     """A set of (64-bit hash, row) pairs kept as a few sorted runs (merged when a newer one grows
     to half an older one's size, so there are O(log n) runs and adding is O(log n) amortized per
-    key): a vectorized "which of these hashes were seen" in 16 bytes per key."""
+    key): a vectorized "which of these hashes were seen" in 16 bytes per key (twice that for
+    the moment the two largest runs merge)."""
 
     def __init__(self):
         self._keys: list[np.ndarray] = []

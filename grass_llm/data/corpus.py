@@ -13,7 +13,8 @@ token ids, labels, locations), skipped list and errors as
   ``add_eos``, ``add_bos`` and the special tokens they resolve to, and ``FORMAT_VERSION``. Not
   the path: a moved corpus reuses its cache (and locations name where it is now).
 * **streamed**: the corpus is read in chunks and tokenized on every core; memory is a few
-  chunks plus 16 bytes per record (the duplicate-id check), never the corpus.
+  chunks plus 16 bytes per record (the duplicate-id check; 32 for a moment while its sorted
+  runs merge), never the corpus.
 * **memory-mapped**: every rank maps the files and reads only the rows it uses.
 
 Engine, chosen by measuring (SmolLM2 tokenizer, ~26-token documents, one thread, on this

@@ -17,13 +17,14 @@ token ids, labels, locations), skipped list and errors as
   runs merge), never the corpus.
 * **memory-mapped**: every rank maps the files and reads only the rows it uses.
 
-Engine, chosen by measuring (SmolLM2 tokenizer, ~26-token documents, one thread, on this
-project's loaded 2-core machines, so +-50%): per document the Rust tokenizer takes ~40-60 us,
-transformers' Python around a batched call (a dict of lists per text) ~10-25 us, and the
-per-record Python (parsing, the old path's labels and windows, packing into arrays) ~15-20 us.
+Engine, chosen by measuring (SmolLM2 tokenizer, ~26-token documents, one thread, best of 7
+on this project's shared 2-core machine): per document the Rust tokenizer takes ~38 us,
+transformers' Python around a batched call ~5 us, and the per-record Python (parsing, the old
+path's labels and windows, packing into arrays) ~15 us; a worker does in ~58 us what the old
+path does in ~67 us (one tokenizer call per text).
 A fast tokenizer's batch call (``TOKENIZERS_PARALLELISM``) runs only the Rust part on all
-cores; the third or more that is Python stays on one and caps the speed-up near 3x however
-many cores there are (Amdahl). So chunks go to a pool of spawned worker processes (one per
+cores; the ~35% that is Python stays on one and caps the speed-up near 3x however many cores
+there are (Amdahl). So chunks go to a pool of spawned worker processes (one per
 core, each batching its chunk into one tokenizer call), which runs *all* of it in parallel,
 with the very functions the old path uses (``readers.parse_chunk``,
 ``tokenize.tokenize_record``), so the two cannot drift apart; the main process only reads

@@ -237,10 +237,11 @@ class TokenizedCorpus:
 
     def identity(self) -> dict:
         """What a store records about its data: ``{"fingerprint", "n_examples", "n_tokens",
-        "corpus_key", "corpus_path", "skipped_count"}``."""
+        "corpus_key", "skipped_count"}`` — all derived from the content, so a moved corpus or
+        cache keeps its identity (``path`` says where the cache is, if a store wants it)."""
         return {"fingerprint": self.fingerprint, "n_examples": self.n_examples,
                 "n_tokens": self.n_tokens, "corpus_key": self.key,
-                "corpus_path": str(self.path), "skipped_count": self.n_skipped}
+                "skipped_count": self.n_skipped}
 
     def _index(self, i: int) -> int:
         if not -self.n_examples <= i < self.n_examples:

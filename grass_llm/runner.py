@@ -125,14 +125,11 @@ def _describe(cfg, corpus, model, tok, name, capture) -> tuple[StoreLayout, dict
     mid = model_identity(model, name, sources=weight_sources(cfg.model, adapter=cfg.adapter),
                          key=f"{cfg.dtype}|seed={cfg.seed}")
     tid = tokenizer_identity(tok)
-    skipped = corpus.skipped
     meta = {
         "config": cfg.identity_dict(),
         "model": {k: v for k, v in mid.items() if k != "name"},
         "tokenizer": {k: v for k, v in tid.items() if k != "name"},
-        "dataset": {"fingerprint": corpus.fingerprint, "n_examples": corpus.n_examples,
-                    "skipped_count": len(skipped),
-                    "skipped": [dataclasses.asdict(s) for s in skipped[:_MAX_SKIPPED_RECORDED]]},
+        "dataset": corpus.identity(),
         "loss_reduction": cfg.reduction,
         "model_dtype": cfg.dtype,
     }
@@ -159,10 +156,13 @@ def _mesh_shape(cfg, info) -> list[int] | None:
     return [info.world_size // inner, inner]
 
 
-def _execution(cfg, info, name, tok) -> dict:
+def _execution(cfg, info, name, tok, corpus) -> dict:
     return {"config": cfg.execution_dict(), "model": {"name": name},
             "tokenizer": {"name": getattr(tok, "name_or_path", "")},
-            "dataset": {"path": cfg.data},
+            # the skipped records' locations name the data's path: a session record
+            "dataset": {"path": cfg.data, "corpus_cache": str(corpus.path),
+                        "skipped": [dataclasses.asdict(s)
+                                    for s in corpus.skipped[:_MAX_SKIPPED_RECORDED]]},
             "run": {"world_size": info.world_size, "local_world_size": info.local_world_size,
                     "mesh": _mesh_shape(cfg, info), "device": info.device.type,
                     "host": socket.gethostname()}}
@@ -178,7 +178,7 @@ def _open(cfg, info, corpus, model, tok, name):
                                     seed=cfg.seed, include_bias=cfg.include_bias)
             layout, meta = _describe(cfg, corpus, model, tok, name, probe)
             store = create_store(cfg.out, layout, meta, execution=_execution(cfg, info, name,
-                                                                               tok),
+                                                                               tok, corpus),
                                  overwrite=cfg.overwrite)
             done = store.done_chunks()
     with comm.guarded("opening the store"):
@@ -199,7 +199,7 @@ def run_cache(cfg: RunConfig, *, progress: bool = True) -> Summary:
     model, tok, name = _load(cfg, info)
     corpus = _open_corpus(cfg, tok, progress=progress and info.is_main)
     if corpus.n_examples == 0:
-        raise ValueError(f"{cfg.data}: no usable example ({len(corpus.skipped)} skipped)")
+        raise ValueError(f"{cfg.data}: no usable example ({corpus.n_skipped} skipped)")
     store, done = _open(cfg, info, corpus, model, tok, name)
     setup = _shard(cfg, model, info)
     del model
@@ -217,39 +217,18 @@ def run_cache(cfg: RunConfig, *, progress: bool = True) -> Summary:
     comm.barrier()
     return Summary(examples=corpus.n_examples, tokens=int(totals[1]),
                    seconds=time.perf_counter() - t_start, chunks_written=int(totals[0]),
-                   chunks_total=int(store.done_chunks().size), skipped=len(corpus.skipped),
+                   chunks_total=int(store.done_chunks().size), skipped=corpus.n_skipped,
                    store=cfg.out, store_bytes=_local_size(cfg.out))
 
 
-class _ListCorpus:
-    """The corpus read and tokenized in memory on every rank (to be replaced by the shared,
-    memory-mapped tokenized corpus)."""
-
-    def __init__(self, examples, skipped):
-        from grass_llm.store.identity import dataset_fingerprint
-
-        self._examples, self.skipped = examples, skipped
-        self.n_examples = len(examples)
-        self.lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
-        self.n_targets = np.array([sum(1 for lab in e.labels[1:] if lab != -100)
-                                   for e in examples], dtype=np.int64)
-        self.fingerprint = dataset_fingerprint(
-            (e.id, e.input_ids, e.labels) for e in examples)["fingerprint"]
-
-    def examples(self, idx):
-        return [self._examples[int(i)] for i in idx]
-
-    def ids(self, a: int, b: int) -> list[str]:
-        return [e.id for e in self._examples[a:b]]
-
-
 def _open_corpus(cfg, tok, progress: bool):
-    from grass_llm.data import read_records, tokenize_records
+    """The tokenized corpus: built once by rank 0 on every core, memory-mapped by all ranks
+    (``grass_llm.data.corpus``); a resume opens the cache in seconds."""
+    from grass_llm.data import TokenizedCorpus
 
-    read = read_records(cfg.data, on_error=cfg.on_bad_record)
-    toks = tokenize_records(read.records, tok, max_length=cfg.max_length,
-                            overflow=cfg.overflow, on_error=cfg.on_bad_record)
-    return _ListCorpus(toks.examples, read.skipped + toks.skipped)
+    return TokenizedCorpus.open_or_build(cfg.data, tok, max_length=cfg.max_length,
+                                         overflow=cfg.overflow, on_error=cfg.on_bad_record,
+                                         add_eos=True, add_bos=None, progress=progress)
 
 
 def _local_size(url: str) -> int | None:

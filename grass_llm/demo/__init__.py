@@ -17,13 +17,14 @@ import torch
 from grass_llm.config import RunConfig
 from grass_llm.data import read_records
 from grass_llm.influence import (
+    ScoreRequest,
     compute_fisher,
     from_file,
     load_factors,
     precondition,
-    stream_top_k,
+    score_store,
 )
-from grass_llm.influence.query import snippet, training_texts
+from grass_llm.influence.texts import snippet, training_texts
 from grass_llm.report import DocScore, QueryReport, TokenScore, render_report
 from grass_llm.runner import run_cache
 from grass_llm.store import open_store
@@ -77,11 +78,14 @@ def run_demo(out_dir: str | Path = "grass-llm-demo", *, compressor: str = DEFAUL
     factors = load_factors(store)
     pre_q = precondition(factors, q.grads)
     pre_t = precondition(factors, q.tokens)
-    vals, idx = stream_top_k(store, pre_q, top_k)
-    tok_top = stream_top_k(store, pre_t, 3)
+    res = score_store(store, {"queries": ScoreRequest(pre_q, top_k=top_k),  # one pass for both
+                              "tokens": ScoreRequest(pre_t, top_k=3)})
+    vals, idx = res["queries"].values, res["queries"].indices
+    tok_top = (res["tokens"].values, res["tokens"].indices)
     prompts = {r.id: r.fields.get("prompt", "") for r in read_records(str(QUERIES)).records}
     ids = [str(x) for x in store.example_ids()]
-    texts = training_texts(store)
+    shown = np.unique(np.concatenate([idx.ravel(), tok_top[1].ravel()]))
+    texts = training_texts(store, [ids[i] for i in shown if i >= 0])
     reports = []
     for j, qid in enumerate(q.ids):
         top = [DocScore(r + 1, ids[i], float(v), snippet(texts, ids[i], 200))

@@ -78,14 +78,18 @@ def _spd(k, n, damping_rel, seed):
 @pytest.mark.parametrize("k,n,damping_rel", [(7, 30, 0.1), (300, 100, 1e-3), (600, 1200, 1e-6)])
 def test_condition_estimate_equals_exact_eigenvalues(k, n, damping_rel):
     damped = _spd(k, n, damping_rel, seed=k)
-    est = condition_number(damped, torch.linalg.cholesky(damped), method="lanczos")
-    if k > 512:  # what compute_fisher uses there
-        assert condition_number(damped, torch.linalg.cholesky(damped)) == est
+    L = torch.linalg.cholesky(damped)
     eig = np.linalg.eigvalsh(damped.numpy())
     exact = eig[-1] / eig[0]
-    # the estimate is honest: within its own error bound, and that bound is tight here
-    assert abs(est["condition"] / exact - 1) <= max(est["rel_error"], 1e-12)
-    assert est["rel_error"] < 1e-6
+    lam = damping_rel * float(torch.trace(damped)) / k / (1 + damping_rel)  # F's damping
+    for tol in (1e-4, 1e-8):  # the default, and a tight one
+        est = condition_number(damped, L, floor=lam, method="lanczos", tol=tol)
+        # honest: within its own error bound, and the bound is as tight as asked (two bounds
+        # of tol each, plus rounding)
+        assert abs(est["condition"] / exact - 1) <= max(est["rel_error"], 1e-12)
+        assert est["rel_error"] < 2.1 * tol
+    if k > 512:  # what compute_fisher uses there
+        assert condition_number(damped, L, floor=lam, tol=1e-8) == est
     assert est["lambda_max"] == pytest.approx(eig[-1], rel=1e-8)
     assert est["lambda_min"] == pytest.approx(eig[0], rel=1e-6)
 

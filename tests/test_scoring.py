@@ -160,3 +160,43 @@ def test_read_ahead_yields_every_chunk_in_order_exactly_decoded(tmp_path, dtype)
             # decoding is exact (every storage dtype fits float32): the store's own decoder
             np.testing.assert_array_equal(t.numpy(), store.read_rows(name, job.start, job.stop))
     assert seen == [4, 0, 5, 2]
+
+
+def test_float16_decoder_is_exact_for_every_bit_pattern():
+    from types import SimpleNamespace
+
+    from grass_llm.influence.reader import decode_rows
+
+    store = SimpleNamespace(layout=SimpleNamespace(dtype="float16"))
+    bits = np.arange(65536, dtype=np.uint16)
+    want = bits.view(np.float16).astype(np.float64)
+    finite = np.isfinite(want)
+    for dtype in (torch.float32, torch.float64):
+        got = decode_rows(store, bits[finite].view(np.float16).reshape(-1, 8), dtype).ravel()
+        assert got.dtype == (np.float32 if dtype == torch.float32 else np.float64)
+        np.testing.assert_array_equal(got, want[finite])  # bit for bit, -0.0 and subnormals
+        assert (np.signbit(got) == np.signbit(want[finite])).all()
+    with_inf = decode_rows(store, bits.view(np.float16), torch.float32)  # inf/NaN: exact too
+    np.testing.assert_array_equal(np.isnan(with_inf), np.isnan(want))
+    np.testing.assert_array_equal(with_inf[~np.isnan(want)], want[~np.isnan(want)])
+
+
+def test_chunks_split_into_layer_groups_score_the_same(fitted, monkeypatch):
+    from grass_llm.influence import score as score_mod
+
+    gen = torch.Generator().manual_seed(9)
+    pre = precondition(load_factors(fitted),
+                       {x.name: torch.randn(3, x.k, generator=gen) for x in LAYERS})
+    whole = stream_top_k(fitted, pre, 6, device="cpu")
+    jobs = []
+    real = score_mod.chunk_jobs
+
+    def one_layer_per_job(*a, **kw):
+        jobs.extend(real(*a, max_bytes=1))
+        return jobs
+
+    monkeypatch.setattr(score_mod, "chunk_jobs", one_layer_per_job)
+    split = stream_top_k(fitted, pre, 6, device="cpu")
+    assert len(jobs) == len(LAYERS) * fitted.layout.n_chunks
+    np.testing.assert_array_equal(split[1], whole[1])
+    assert_scores_close(split[0], whole[0])

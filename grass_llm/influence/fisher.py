@@ -60,12 +60,16 @@ def _ieee_float32():
     if not torch.cuda.is_available():
         yield
         return
-    old = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    matmul = torch.backends.cuda.matmul
+    try:
+        key, old, new = "fp32_precision", matmul.fp32_precision, "ieee"
+    except RuntimeError:  # the process set TF32 through the legacy flag: torch refuses a mix
+        key, old, new = "allow_tf32", matmul.allow_tf32, False
+    setattr(matmul, key, new)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.fp32_precision = old
+        setattr(matmul, key, old)
 
 
 def _add_gram(gram: torch.Tensor, g: torch.Tensor) -> None:
@@ -89,7 +93,7 @@ def _partial_grams(store: GradientStore, layers: Sequence[LayerInfo], chunks: Se
             a, b = store.layout.chunk_range(c)
             jobs.append(Job(c, a, b, (x.name,)))
     with _ieee_float32():
-        for job, rows in read_ahead(store, jobs, device=device, dtype=dtype, depth=depth):
+        for _, rows in read_ahead(store, jobs, device=device, dtype=dtype, depth=depth):
             (name, g), = rows.items()
             _add_gram(grams[name], g)
     return grams
@@ -118,7 +122,7 @@ def _factor(gram: torch.Tensor, n: int, lay: LayerInfo, damping: float,
     if int(info) != 0:
         raise ValueError(f"layer {lay.name}: F + lambda I is not positive definite (trace "
                          f"{trace}); are there non-finite rows? (`grass-llm verify`)")
-    est = condition_number(fisher, chol)
+    est = condition_number(fisher, chol, floor=lam)
     return chol, {"lambda": lam, "trace": trace, "condition": est["condition"],
                   "condition_rel_error": est["rel_error"], "lambda_max": est["lambda_max"],
                   "lambda_min": est["lambda_min"],

@@ -7,9 +7,15 @@ target) is concatenated into one ``[Q, K_l]`` matrix per layer, so each row chun
 and scored by one GEMM per layer (float32, the rows are stored in at most 32 bits; the sum over
 layers in float64); the score columns are then split back per request.
 
-Memory: the preconditioned queries (``Q * sum_l K_l`` float32 on the device), ``depth + 1`` row
-chunks in flight, one ``[Q, R]`` score block and each request's top-k; nothing grows with the
-store, except the ``[Q, n]`` rows a request keeps in full (``keep_all``, e.g. valuation: Q = 1).
+Memory: the preconditioned queries (``Q * sum_l K_l`` float32 on the device), ``depth + 1`` jobs
+of rows in flight (a job is a row chunk of a few layers, at most 64 MiB decoded), a ``[Q, R]``
+score block per job and each request's top-k; nothing grows with the store, except the
+``[Q, n]`` rows a request keeps in full (``keep_all``, e.g. valuation: Q = 1).
+
+On the CPU each job is scored in its worker thread (one per core, torch ops single-threaded
+during the pass): many small GEMMs in parallel beat one multi-threaded GEMM at a time, whose
+OpenMP team would wait on cores the readers hold. On a GPU the workers read and copy; the
+GEMMs run on the current stream.
 
 Ranks (torchrun / accelerate launch): chunks go round robin; each rank keeps its own top-k and
 rank 0 merges them (``merge_top_k``), the same result as one process. Shapes: Q queries, R rows
@@ -19,6 +25,7 @@ of a chunk, K a layer's size, n rows of the store.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +33,14 @@ import torch
 
 from grass_llm.influence.factors import load_factors
 from grass_llm.influence.fisher import precondition
-from grass_llm.influence.reader import Job, chunk_jobs, read_ahead, resolve_device
+from grass_llm.influence.reader import (
+    Job,
+    chunk_jobs,
+    cpu_workers,
+    read_ahead,
+    resolve_device,
+    single_threaded_ops,
+)
 from grass_llm.influence.topk import TopK, merge_top_k
 from grass_llm.parallel import comm
 from grass_llm.store import GradientStore
@@ -88,8 +102,9 @@ def _query_matrix(store: GradientStore, requests: Mapping[str, ScoreRequest],
 
 
 def score_store(store: GradientStore, requests: Mapping[str, ScoreRequest], *,
-                device: str | torch.device = "auto", depth: int = 2, backend: str = "auto",
-                progress: Progress | None = None) -> dict[str, ScoreResult] | None:
+                device: str | torch.device = "auto", depth: int | None = None,
+                backend: str = "auto", progress: Progress | None = None
+                ) -> dict[str, ScoreResult] | None:
     """Score every request against every row of the store in one pass.
 
     Call it on every rank under torch.distributed (a collective): each rank scores its round
@@ -99,7 +114,8 @@ def score_store(store: GradientStore, requests: Mapping[str, ScoreRequest], *,
         store: a complete store.
         requests: ``{name: ScoreRequest}``.
         device: ``"auto"`` (this rank's GPU if any, else CPU) or a device.
-        depth: row chunks read ahead.
+        depth: jobs in flight (default: CPU, one per core plus one, each scored in its worker
+            thread with single-threaded torch ops; GPU, 2 read ahead).
         backend: the top-k backend (``"auto"``, ``"numba"``, ``"torch"``; see ``TopK``).
         progress: ``progress(chunks_done, chunks_of_this_rank)``.
 
@@ -116,29 +132,40 @@ def score_store(store: GradientStore, requests: Mapping[str, ScoreRequest], *,
             for key, req in requests.items() if req.keep_all}
     rank, world = comm.rank(), comm.world_size()
     mine = list(range(rank, store.layout.n_chunks, world))
-    with comm.guarded("scoring the store"):
+    on_cpu = dev.type == "cpu"
+    depth = depth or (cpu_workers() if on_cpu else 2)
+    with comm.guarded("scoring the store"), \
+            (single_threaded_ops() if on_cpu else nullcontext()):
         jobs = chunk_jobs(store, mine, store.layer_names)
-        for done, (job, chunk) in enumerate(read_ahead(store, jobs, device=dev, depth=depth)):
-            s = _chunk_scores(mats, chunk)
+        s, done = None, 0
+        for job, out in read_ahead(store, jobs, device=dev, depth=depth,
+                                   then=(lambda j, r: _chunk_scores(mats, r)) if on_cpu
+                                   else None):
+            part = out if on_cpu else _chunk_scores(mats, out)
+            s = part if s is None else s.add_(part)  # layer groups of a chunk, in order
+            if not job.last:
+                continue
             for key, req in requests.items():
-                part = s[rows[key]]
+                block = s[rows[key]]
                 if key in tops:
-                    tops[key].update(part, job.start)
+                    tops[key].update(block, job.start)
                 if req.matrix_out is not None:
-                    req.matrix_out[:, job.start: job.stop] = part.float().cpu().numpy()
+                    req.matrix_out[:, job.start: job.stop] = block.float().cpu().numpy()
                 if key in kept:
-                    kept[key][:, job.start: job.stop] = part.cpu()
+                    kept[key][:, job.start: job.stop] = block.cpu()
+            s, done = None, done + 1
             if progress is not None:
-                progress(done + 1, len(mine))
+                progress(done, len(mine))
     return _merge(requests, tops, kept)
 
 
 def _chunk_scores(mats: Mapping[str, torch.Tensor], chunk: Mapping[str, torch.Tensor]
                   ) -> torch.Tensor:
-    """``sum_l Q_l @ G_l^T`` for one chunk: ``[Q, R]`` float64 (float32 GEMM per layer)."""
+    """``sum_l Q_l @ G_l^T`` over the layers of one job: ``[Q, R]`` float64 (a float32 GEMM per
+    layer)."""
     s = None
-    for name, q in mats.items():
-        part = q @ chunk[name].T
+    for name, g in chunk.items():
+        part = mats[name] @ g.T
         s = part.double() if s is None else s.add_(part)
     return s
 
@@ -152,7 +179,7 @@ def _merge(requests, tops, kept) -> dict[str, ScoreResult] | None:
     if comm.rank() != 0:
         return None
     out = {}
-    for key, req in requests.items():
+    for key in requests:
         res = ScoreResult()
         if key in tops:
             k = tops[key].k
@@ -165,7 +192,7 @@ def _merge(requests, tops, kept) -> dict[str, ScoreResult] | None:
 
 def stream_top_k(store: GradientStore, pre: Mapping[str, torch.Tensor], k: int, *,
                  matrix_out=None, backend: str = "auto", device: str | torch.device = "auto",
-                 depth: int = 2, progress: Progress | None = None):
+                 depth: int | None = None, progress: Progress | None = None):
     """Top-k training rows per query over the whole store: ``(values [Q, k], rows [Q, k])``
     (on rank 0; None elsewhere); optionally every score into ``matrix_out``."""
     res = score_store(store, {"q": ScoreRequest(pre, top_k=k, matrix_out=matrix_out)},
@@ -204,7 +231,7 @@ def self_influence(store: GradientStore, *, factors=None, device: str | torch.de
 
 
 def valuation(store: GradientStore, target_grads: Mapping[str, torch.Tensor], *, factors=None,
-              device: str | torch.device = "auto", depth: int = 2,
+              device: str | torch.device = "auto", depth: int | None = None,
               progress: Progress | None = None) -> np.ndarray | None:
     """``v_i = sum_q s(q, i)``: the targets' summed gradient, preconditioned once, scored in one
     pass: ``[n]`` float64 on rank 0 (None elsewhere; a collective under torch.distributed)."""

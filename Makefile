@@ -36,7 +36,8 @@ demo: setup-demo
 kernels: setup
 	$(PY) -m grass_llm.kernels build
 
-# Compile every CUDA kernel with nvcc for sm_80 and sm_90 (no GPU needed; CI runs this).
+# Compile every CUDA kernel with nvcc, with the JIT build's flags (`python -m grass_llm.kernels
+# flags`: SASS for sm_80 and sm_90 plus PTX where no GPU is visible); no GPU needed, CI runs it.
 check-cuda: setup
 	bash tools/check_cuda_build.sh $(PY)
 

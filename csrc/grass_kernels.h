@@ -10,10 +10,16 @@
 //       scale * sum_{e in [indptr[j], indptr[j+1])} sgn[e] * v[src[e]],
 //     a gather in a fixed order. No atomics, so every result is bitwise reproducible.
 //   * Accumulation is float32 for float16 / bfloat16 / float32 inputs and float64 for float64.
+//   * Index ranges: the bindings check shapes, dtypes, devices and contiguity on every call;
+//     the *values* of the tables (every index in range, indptr a CSR) are checked once per
+//     table by grass_llm/kernels/tables.py before any kernel runs. The CPU kernels check them
+//     again (cheap there); the CUDA kernels trust them (a check would cost a synchronization).
+//
+// Only the light ATen headers here: the .cu files compile much faster without ATen/ATen.h.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 
 namespace grass {
 
@@ -48,12 +54,28 @@ inline at::ScalarType acc_dtype(const at::Tensor& t) {
 
 }  // namespace grass
 
-// Dispatch over the float types of two tensors; the body sees x_t and d_t.
-#define GRASS_DISPATCH_PAIR(X_TYPE, D_TYPE, NAME, ...)                                  \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X_TYPE, NAME, [&] {         \
-    using x_t = scalar_t;                                                               \
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, D_TYPE, NAME, [&] {       \
-      using d_t = scalar_t;                                                             \
-      __VA_ARGS__();                                                                    \
-    });                                                                                 \
-  })
+// The float types that accumulate in float32.
+#define GRASS_CASES_FP32_ACC(...)                        \
+  AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)   \
+  AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)    \
+  AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__)
+
+// Dispatch over the float types of two tensors; the body sees x_t and d_t. Only the pairs the
+// bindings accept are instantiated: (double, double), or both of float / half / bfloat16.
+#define GRASS_DISPATCH_PAIR(X_TYPE, D_TYPE, NAME, ...)                                    \
+  do {                                                                                    \
+    if ((X_TYPE) == at::kDouble) {                                                        \
+      TORCH_CHECK((D_TYPE) == at::kDouble, NAME, ": x is float64 but delta is ", D_TYPE); \
+      using x_t = double;                                                                 \
+      using d_t = double;                                                                 \
+      __VA_ARGS__();                                                                      \
+    } else {                                                                              \
+      AT_DISPATCH_SWITCH(X_TYPE, NAME, GRASS_CASES_FP32_ACC([&] {                         \
+        using x_t = scalar_t;                                                             \
+        AT_DISPATCH_SWITCH(D_TYPE, NAME, GRASS_CASES_FP32_ACC([&] {                       \
+          using d_t = scalar_t;                                                           \
+          __VA_ARGS__();                                                                  \
+        }));                                                                              \
+      }));                                                                                \
+    }                                                                                     \
+  } while (0)

@@ -177,6 +177,46 @@ def cache(
             highlight=False, soft_wrap=True)
 
 
+@app.command("fit-mask")
+def fit_mask(
+    model: str = typer.Option(..., help="Model (as in a run config: directory, .gguf, smollm2, "
+                                        "tiny:<family>)."),
+    data: str = typer.Option(..., help="Training corpus: the train side of the calibration."),
+    targets: str = typer.Option(..., help="Target examples (a held-out split, not the "
+                                          "evaluation queries): the target side."),
+    out: str = typer.Option(..., help="Mask file to write (.safetensors)."),
+    compressor: str = typer.Option("factgrass:k=4096,k_in=128,k_out=128",
+                                   help="The FactGraSS spec the mask is for (k_in, k_out)."),
+    layers: list[str] = typer.Option(None, help="Layer name patterns (repeatable); default "
+                                                "every Linear in the decoder."),
+    exclude: list[str] = typer.Option([], help="Layer name patterns to leave out."),
+    n_train: int = typer.Option(64, help="Calibration training examples (seeded sample)."),
+    n_targets: int = typer.Option(32, help="Calibration target examples (seeded sample)."),
+    seed: int = typer.Option(0, help="The run's global seed (sample, fit, random masks)."),
+    set_: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
+                                   help="Any other field (repeatable): tokenizer, adapter, "
+                                        "include_bias, reduction, dtype, max_length, "
+                                        "batch_size, steps, lr, l1, memory_gb, device."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Learn FactGraSS's per-layer input/output masks (the GraSS paper's selective mask) from
+    a calibration set, and write the file a spec names: factgrass:...,mask=OUT.
+
+    Use the model, layers, bias, seed and loss reduction of the cache run that will use it.
+    """
+    from grass_llm.fit_mask import config_from_cli, print_summary, run_fit_mask
+
+    try:
+        cfg = config_from_cli(dict(model=model, data=data, targets=targets, out=out,
+                                   compressor=compressor, layers=layers or None,
+                                   exclude=list(exclude), n_train=n_train,
+                                   n_targets=n_targets, seed=seed), list(set_))
+        summary = run_fit_mask(cfg, progress=not quiet)
+    except (ValueError, OSError) as err:
+        _fail(err)
+    print_summary(console, summary)
+
+
 @app.command("config-help")
 def config_help() -> None:
     """Describe every field of a run config (YAML key = --set key)."""

@@ -11,16 +11,24 @@ import yaml
 
 from grass_llm.capture.hooks import TOKEN_MODES
 from grass_llm.capture.loss import REDUCTIONS
-from grass_llm.compress import build_compressor
+from grass_llm.compress import check_spec
 from grass_llm.store.layout import CODECS, NONFINITE_POLICIES, STORAGE_DTYPES
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 PARALLEL = ("none", "fsdp", "deepspeed", "tp")
+# Fields that say how a run executes, not what it computes: they may change when a run is
+# resumed (a lower max_tokens after an OOM, another sharding, a moved data file: the data's
+# content, the weights and the tokenizer are identified by hashes) and are recorded per session
+# in the store. Every other field is part of the store's identity.
+EXECUTION_FIELDS = ("model", "data", "out", "adapter", "tokenizer", "max_tokens", "nonfinite",
+                    "parallel", "tp_size", "shard_size", "deepspeed_config",
+                    "gradient_checkpointing", "overwrite")
 
 
 @dataclass(kw_only=True)
 class RunConfig:
-    """Everything ``grass-llm cache`` needs; every field is recorded in the store."""
+    """Everything ``grass-llm cache`` needs; every field is recorded in the store (identity
+    fields once, ``EXECUTION_FIELDS`` per session)."""
 
     model: str
     """A Hugging Face model directory, a .gguf file, a config.json (random weights, for
@@ -77,7 +85,13 @@ class RunConfig:
     """Sharding: ``none`` (data parallel), ``fsdp`` (FSDP2), ``deepspeed`` (ZeRO-3) or ``tp``
     (tensor parallel)."""
     tp_size: int = 0
-    """Ranks per tensor-parallel group with parallel=tp; 0 = all ranks."""
+    """Ranks per tensor-parallel group with parallel=tp; 0 = the ranks of one node
+    (``LOCAL_WORLD_SIZE``), so tensor parallelism never crosses the interconnect; the groups
+    are replicated over the remaining (data-parallel) dimension."""
+    shard_size: int = 0
+    """Ranks that shard one copy of the model with parallel=fsdp; 0 = the ranks of one node.
+    When the run spans more ranks than that, FSDP2 runs as HSDP: sharded within a group of
+    ``shard_size`` ranks, replicated across groups (all-gathers stay inside a node)."""
     deepspeed_config: str | None = None
     """DeepSpeed JSON for parallel=deepspeed (default: stage 3 with grass_llm's settings)."""
     gradient_checkpointing: bool = False
@@ -100,8 +114,9 @@ class RunConfig:
         for name in ("max_length", "max_tokens", "chunk_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.tp_size < 0:
-            raise ValueError(f"tp_size must be >= 0, got {self.tp_size}")
+        for name in ("tp_size", "shard_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.max_tokens < self.max_length:
@@ -112,10 +127,18 @@ class RunConfig:
                              "plan shards plain Linear layers); use none, fsdp or deepspeed")
         if self.token_mode == "loss" and self.reduction != "sum":
             raise ValueError("token_mode=loss needs reduction=sum")
-        build_compressor(self.compressor, seed=0, p=10**9, d_in=10**5, d_out=10**5)  # syntax
+        check_spec(self.compressor)  # syntax, names, a mask file; sizes per layer at build
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def identity_dict(self) -> dict:
+        """The fields that change what is computed (a resume must match them)."""
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
+
+    def execution_dict(self) -> dict:
+        """The fields free to change between the sessions of one run."""
+        return {k: v for k, v in self.to_dict().items() if k in EXECUTION_FIELDS}
 
 
 def field_help() -> dict[str, str]:

@@ -157,6 +157,20 @@ BYTE_VOCAB = 259
 ADAPTER_LAYERS = ["*.lora_A.*", "*.lora_B.*"]
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute decoder layers in backward (non-reentrant, which the capture hooks need).
+    transformers renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+    (the old name is a deprecated alias); use whichever this version has."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"{type(model).__name__} does not support activation checkpointing; "
+                         "set gradient_checkpointing: false")
+
+
 def apply_adapter(model, adapter: str):
     """Wrap ``model`` with a PEFT LoRA adapter from a local directory (frozen, eval mode)."""
     try:
@@ -167,6 +181,23 @@ def apply_adapter(model, adapter: str):
         raise ValueError(f"adapter {adapter!r}: no adapter_config.json there (give the "
                          "directory a PEFT adapter was saved to)")
     return PeftModel.from_pretrained(model, adapter).eval()
+
+
+def weight_sources(spec: str, *, adapter: str | None = None) -> list[Path] | None:
+    """The files a ``model`` spec's weights come from (for caching the weights hash by file
+    path, size and mtime); None for the tiny models built in code (cheap to hash)."""
+    if spec.startswith("tiny:"):
+        return None
+    if spec == "smollm2":
+        files = [smollm2_gguf_path()]
+    else:
+        path = Path(spec)
+        if not path.exists():
+            return None
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    if adapter is not None and Path(adapter).is_dir():
+        files += sorted(p for p in Path(adapter).iterdir() if p.is_file())
+    return files
 
 
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, tokenizer: str | None = None,

@@ -209,7 +209,7 @@ def plan_layers(model: nn.Module, spec: str, layers=None, exclude=None,
         if shape not in built:
             try:
                 built[shape] = build_compressor(spec, seed=0, d_in=mod.in_features,
-                                                d_out=mod.out_features, bias=bias,
+                                                d_out=mod.out_features, bias=bias, layer=name,
                                                 p=mod.out_features * (mod.in_features + bias))
             except ValueError as err:
                 raise ValueError(f"compressor {spec!r} does not fit layer {name} "
@@ -357,14 +357,20 @@ def _memory(cfg: PlanConfig, config, counts: dict, lays: list[LayerPlan], tp: in
     if cfg.parallel == "tp" and tp > 1:
         notes.append("parallel=tp replicates the embedding and the output head: every rank of "
                      "a group computes the full logits")
-    # the runner keeps a chunk's rows (and token rows) as float32 on the host until it is full
+    # cache_loop keeps a chunk's rows (and token rows) in the store dtype on the host until it
+    # is full, then the writer thread holds it (one queued, one being written): 3 chunks
     rows_kept = cfg.chunk_rows * (1 + (cfg.avg_doc_tokens if cfg.token_mode else 0))
+    store_b = STORE_BYTES[cfg.store_dtype]
+    ranks = min(cfg.gpus, cfg.gpus_per_node)
+    # rank 0 reads the full model; in the sharded modes the others receive one tensor at a time
+    load = P * b * (ranks if cfg.parallel == "none" else 1) + (
+        0 if cfg.parallel == "none" else (ranks - 1) * counts["largest_module"] * b)
     return {"items": items, "total": total, "gpu_bytes": cfg.gpu_memory_gib * 2 ** 30,
             "fits": total <= 0.9 * cfg.gpu_memory_gib * 2 ** 30,
             "batch_tokens": tokens, "batch_rows": rows_step, "tp_size": tp,
             "layer_activation_bytes_per_token": per_layer,
-            "host_chunk_buffer": rows_kept * numbers * 4,
-            "host_load_per_node": min(cfg.gpus, cfg.gpus_per_node) * P * b}
+            "host_chunk_buffer": 3 * rows_kept * numbers * store_b,
+            "host_load_per_node": load}
 
 
 def _time(cfg, config, counts, lays, tp, store, notes) -> dict:

@@ -94,9 +94,11 @@ def render(plan: Plan) -> list:
                f"{verdict} in {c['gpu_memory_gib']:g} GiB with 10% headroom (CUDA context and "
                "fragmentation not included)")
     mt.add_row("host RAM per rank", fmt_bytes(mem["host_chunk_buffer"]),
-               "a chunk's float32 rows, kept until the chunk is written")
+               "exact: 3 chunks of rows in the store dtype (filling, queued, being written)")
     mt.add_row("host RAM per node at start", fmt_bytes(mem["host_load_per_node"]),
-               "every rank loads the full model before sharding")
+               "exact: rank 0 reads the full model, the others receive their shards one "
+               "tensor at a time" if c["parallel"] != "none" else
+               "exact: data parallel, every rank holds the full model")
     out.append(mt)
 
     tt = _table(f"time on {c['gpus']} GPU(s), {c['tokens']:,} tokens")

@@ -1,29 +1,38 @@
 """``grass-llm cache``: compressed gradients of a corpus into a store, on 1..N processes.
 
-Composition, in this order (STYLE.md 1): process group and mesh (``parallel.dist``) -> model and
-tokenizer -> corpus -> identities (before sharding: the full weights) -> sharding (one
-``apply_*``) -> store (rank 0 creates, everyone opens) -> the step loop -> summary.
+Composition, in this order (STYLE.md 1): process group (``parallel.dist``) -> rank 0 reads the
+model and tokenizer (the other ranks receive the tokenizer and, for sharded modes, a meta
+skeleton: ``parallel.loading``) -> the tokenized corpus (built once by rank 0, memory-mapped by
+all) -> identities and store (rank 0 creates or resumes, everyone opens) -> sharding (one
+``apply_*`` on the skeleton, weights streamed from rank 0) -> the step loop (``cache_loop``) ->
+summary. Every region where one rank may fail alone is guarded, so its error reaches all.
 
 Work split: the store's row chunks go round robin to the data-parallel ranks (row order stays
 dataset order); a rank's chunks are cut into token-budget batches. Under FSDP2 and ZeRO-3 every
-forward/backward is a collective, so all ranks take the same number of steps: a rank that runs
-out of work steps on a one-example filler batch whose result is dropped. Under tensor
+forward/backward is a collective, so all ranks take the same, agreed number of steps: a rank
+that runs out of work steps on a one-example filler batch whose result is dropped. Under tensor
 parallelism all ranks of a group compute the same batch and its first rank writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import socket
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from grass_llm.cache_loop import CacheLoop
 from grass_llm.capture import GradientCapture
 from grass_llm.config import RunConfig
-from grass_llm.data import collate, read_records, token_budget_batches, tokenize_records
-from grass_llm.models import ADAPTER_LAYERS, load_model
+from grass_llm.models import (
+    ADAPTER_LAYERS,
+    enable_activation_checkpointing,
+    load_model,
+    weight_sources,
+)
 from grass_llm.parallel import (
     apply_fsdp2,
     apply_tp,
@@ -33,15 +42,11 @@ from grass_llm.parallel import (
     init_distributed,
     load_ds_config,
 )
+from grass_llm.parallel.dist import inner_size
+from grass_llm.parallel.loading import load_sharded, load_zero3
 from grass_llm.store import LayerInfo, StoreLayout, create_store, open_store
-from grass_llm.store.identity import (
-    dataset_fingerprint,
-    model_identity,
-    tokenizer_identity,
-)
+from grass_llm.store.identity import model_identity, tokenizer_identity
 
-# Config fields that do not change what is computed: a rerun that differs only in these resumes.
-_NOT_IDENTITY = ("out", "overwrite")
 _MAX_SKIPPED_RECORDED = 1000
 
 
@@ -73,69 +78,114 @@ class _Setup:
 
 
 def _shard(cfg: RunConfig, model, info) -> _Setup:
-    """Apply the configured parallelism; returns what the step loop needs."""
+    """Apply the configured parallelism (``model``: rank 0's full model, None elsewhere in the
+    sharded modes); returns what the step loop needs."""
     dtype = getattr(torch, cfg.dtype)
-    if cfg.parallel == "none" or not info.distributed:
+    if cfg.parallel == "none" or not info.initialized:
         if cfg.parallel != "none" and info.is_main:
-            print(f"note: parallel={cfg.parallel} with one process runs unsharded")
+            print(f"note: parallel={cfg.parallel} without a launcher runs unsharded")
         return _Setup(model.to(info.device), None, (), info.rank, info.world_size, True, False)
     if cfg.parallel == "fsdp":
-        mesh = build_mesh(info, 1)
-        return _Setup(apply_fsdp2(model.to(info.device), mesh["dp"]), None, (), info.rank,
-                      info.world_size, True, True)
+        shard = inner_size(info, cfg.shard_size, "shard_size")
+        mesh = build_mesh(info, shard, ("replicate", "shard"))
+        module = load_sharded(model, lambda m: apply_fsdp2(m, mesh), info.device)
+        return _Setup(module, None, (), info.rank, info.world_size, True, True)
     if cfg.parallel == "deepspeed":
-        module, anchor = apply_zero3(model, load_ds_config(cfg.deepspeed_config, dtype=dtype))
+        ds = load_ds_config(cfg.deepspeed_config, dtype=dtype)
+        module, anchor = apply_zero3(load_zero3(model, ds), ds)
         return _Setup(module, None, (anchor,), info.rank, info.world_size, True, True)
-    tp = cfg.tp_size or info.world_size
-    mesh = build_mesh(info, tp)
-    apply_tp(model.to(info.device), mesh["tp"])
-    tp_rank = mesh["tp"].get_local_rank()
-    return _Setup(model, mesh["tp"].get_group(), (), mesh["dp"].get_local_rank(),
-                  mesh["dp"].size(), tp_rank == 0, True)
+    mesh = build_mesh(info, inner_size(info, cfg.tp_size, "tp_size"), ("dp", "tp"))
+    module = load_sharded(model, lambda m: apply_tp(m, mesh["tp"]), info.device)
+    # TP groups never wait on each other (no collective crosses data-parallel ranks in a step)
+    return _Setup(module, mesh["tp"].get_group(), (), mesh["dp"].get_local_rank(),
+                  mesh["dp"].size(), mesh["tp"].get_local_rank() == 0, False)
 
 
-def _token_counts(examples, token_mode) -> tuple[int, ...] | None:
-    if token_mode is None:
-        return None
-    if token_mode == "position":
-        return tuple(len(e.input_ids) for e in examples)
-    return tuple(int(sum(1 for lab in e.labels[1:] if lab != -100)) for e in examples)
+def _load(cfg: RunConfig, info):
+    """Rank 0 reads model and tokenizer; the others get the tokenizer (and the model itself
+    only in data-parallel mode, where every rank needs all of it)."""
+    dtype = getattr(torch, cfg.dtype)
+    model = tok = name = None
+    with comm.guarded("loading the model"):
+        if info.is_main:
+            model, tok, name = load_model(cfg.model, dtype=dtype, tokenizer=cfg.tokenizer,
+                                          seed=cfg.seed, adapter=cfg.adapter)
+    tok, name = comm.broadcast_object((tok, name) if info.is_main else None)
+    if cfg.parallel == "none" and info.initialized:  # after rank 0: a GGUF converts once
+        with comm.guarded("loading the model"):
+            if not info.is_main:
+                model, _, _ = load_model(cfg.model, dtype=dtype, tokenizer=cfg.tokenizer,
+                                         seed=cfg.seed, adapter=cfg.adapter)
+    return model, tok, name
 
 
-def _describe(cfg, examples, skipped, model, tok, name, capture) -> tuple[StoreLayout, dict]:
-    """The store's layout and self-description (hashes every weight: rank 0 only)."""
-    ident_cfg = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IDENTITY}
+def _describe(cfg, corpus, model, tok, name, capture) -> tuple[StoreLayout, dict]:
+    """The store's layout and identity meta (rank 0: hashes every weight of the full
+    model)."""
+    mid = model_identity(model, name, sources=weight_sources(cfg.model, adapter=cfg.adapter),
+                         key=f"{cfg.dtype}|seed={cfg.seed}")
+    tid = tokenizer_identity(tok)
+    skipped = corpus.skipped
     meta = {
-        "config": ident_cfg,
-        "model": model_identity(model, name),
-        "tokenizer": tokenizer_identity(tok),
-        "dataset": {"path": cfg.data, **dataset_fingerprint(
-            (e.id, e.input_ids, e.labels) for e in examples),
-            "skipped_count": len(skipped),
-            "skipped": [dataclasses.asdict(s) for s in skipped[:_MAX_SKIPPED_RECORDED]]},
+        "config": cfg.identity_dict(),
+        "model": {k: v for k, v in mid.items() if k != "name"},
+        "tokenizer": {k: v for k, v in tid.items() if k != "name"},
+        "dataset": {"fingerprint": corpus.fingerprint, "n_examples": corpus.n_examples,
+                    "skipped_count": len(skipped),
+                    "skipped": [dataclasses.asdict(s) for s in skipped[:_MAX_SKIPPED_RECORDED]]},
         "loss_reduction": cfg.reduction,
         "model_dtype": cfg.dtype,
     }
     layers = tuple(LayerInfo(n, c.spec, c.seed, c.k, capture.layers[n].in_features,
                              capture.layers[n].out_features, capture._bias[n])
                    for n, c in capture.compressors.items())
-    layout = StoreLayout(n_examples=len(examples), layers=layers, chunk_rows=cfg.chunk_rows,
+    counts = None
+    if cfg.token_mode == "position":
+        counts = tuple(np.asarray(corpus.lengths).tolist())
+    elif cfg.token_mode == "loss":
+        counts = tuple(np.asarray(corpus.n_targets).tolist())
+    layout = StoreLayout(n_examples=corpus.n_examples, layers=layers, chunk_rows=cfg.chunk_rows,
                          dtype=cfg.store_dtype, codec=cfg.codec, token_mode=cfg.token_mode,
-                         token_counts=_token_counts(examples, cfg.token_mode))
+                         token_counts=counts)
     return layout, meta
 
 
-def _open(cfg, info, examples, skipped, model, tok, name, capture):
-    """Rank 0 creates (or reopens to resume) the store; after a barrier the others open it."""
-    store = None
+def _mesh_shape(cfg, info) -> list[int] | None:
+    """The device mesh the sharding will use: (outer, inner) ranks."""
+    if not info.initialized or cfg.parallel in ("none", "deepspeed"):
+        return None
+    inner = inner_size(info, cfg.shard_size if cfg.parallel == "fsdp" else cfg.tp_size,
+                       "shard_size" if cfg.parallel == "fsdp" else "tp_size")
+    return [info.world_size // inner, inner]
+
+
+def _execution(cfg, info, name, tok) -> dict:
+    return {"config": cfg.execution_dict(), "model": {"name": name},
+            "tokenizer": {"name": getattr(tok, "name_or_path", "")},
+            "dataset": {"path": cfg.data},
+            "run": {"world_size": info.world_size, "local_world_size": info.local_world_size,
+                    "mesh": _mesh_shape(cfg, info), "device": info.device.type,
+                    "host": socket.gethostname()}}
+
+
+def _open(cfg, info, corpus, model, tok, name):
+    """Rank 0 creates (or reopens to resume) the store; then the others open it. Returns the
+    store and the done-markers every rank plans from (read once, by rank 0)."""
+    store, done = None, None
     with comm.guarded("creating the store"):
         if info.is_main:
-            layout, meta = _describe(cfg, examples, skipped, model, tok, name, capture)
-            store = create_store(cfg.out, layout, meta, overwrite=cfg.overwrite)
+            probe = GradientCapture(model, cfg.compressor, layers=cfg.layers, exclude=cfg.exclude,
+                                    seed=cfg.seed, include_bias=cfg.include_bias)
+            layout, meta = _describe(cfg, corpus, model, tok, name, probe)
+            store = create_store(cfg.out, layout, meta, execution=_execution(cfg, info, name,
+                                                                               tok),
+                                 overwrite=cfg.overwrite)
+            done = store.done_chunks()
     with comm.guarded("opening the store"):
         if not info.is_main:
             store = open_store(cfg.out, mode="r+")
-    return store
+    done = comm.broadcast_object(done)
+    return store, done
 
 
 def run_cache(cfg: RunConfig, *, progress: bool = True) -> Summary:
@@ -144,38 +194,62 @@ def run_cache(cfg: RunConfig, *, progress: bool = True) -> Summary:
     if not info.is_main:
         _quiet()
     t_start = time.perf_counter()
-    dtype = getattr(torch, cfg.dtype)
-    model, tok, name = load_model(cfg.model, dtype=dtype, tokenizer=cfg.tokenizer,
-                                  seed=cfg.seed, adapter=cfg.adapter)
     if cfg.adapter is not None and cfg.layers is None:
         cfg = dataclasses.replace(cfg, layers=list(ADAPTER_LAYERS))
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    read = read_records(cfg.data, on_error=cfg.on_bad_record)
-    toks = tokenize_records(read.records, tok, max_length=cfg.max_length,
-                            overflow=cfg.overflow, on_error=cfg.on_bad_record)
-    examples, skipped = toks.examples, read.skipped + toks.skipped
-    if not examples:
-        raise ValueError(f"{cfg.data}: no usable example ({len(skipped)} skipped)")
-    # Layer selection and maps from the unsharded model: names and shapes are global.
-    probe = GradientCapture(model, cfg.compressor, layers=cfg.layers, exclude=cfg.exclude,
-                            seed=cfg.seed, include_bias=cfg.include_bias)
-    store = _open(cfg, info, examples, skipped, model, tok, name, probe)
+    model, tok, name = _load(cfg, info)
+    corpus = _open_corpus(cfg, tok, progress=progress and info.is_main)
+    if corpus.n_examples == 0:
+        raise ValueError(f"{cfg.data}: no usable example ({len(corpus.skipped)} skipped)")
+    store, done = _open(cfg, info, corpus, model, tok, name)
     setup = _shard(cfg, model, info)
+    del model
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(setup.module)
     capture = GradientCapture(setup.module, cfg.compressor, layers=cfg.layers,
                               exclude=cfg.exclude, seed=cfg.seed, reduction=cfg.reduction,
                               token_mode=cfg.token_mode, include_bias=cfg.include_bias,
                               tp_group=setup.tp_group, keep_trainable=setup.keep)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    loop = _Loop(cfg, info, setup, store, examples, capture, pad_id, progress)
+    loop = CacheLoop(cfg, setup, store, corpus, capture, pad_id, info.device,
+                     progress and info.is_main, done)
     written, tokens = loop.run()
     totals = comm.all_reduce(torch.tensor([written, tokens], dtype=torch.long))
     comm.barrier()
-    done = store.done_chunks()
-    return Summary(examples=len(examples), tokens=int(totals[1]),
+    return Summary(examples=corpus.n_examples, tokens=int(totals[1]),
                    seconds=time.perf_counter() - t_start, chunks_written=int(totals[0]),
-                   chunks_total=int(done.size), skipped=len(skipped), store=cfg.out,
-                   store_bytes=_local_size(cfg.out))
+                   chunks_total=int(store.done_chunks().size), skipped=len(corpus.skipped),
+                   store=cfg.out, store_bytes=_local_size(cfg.out))
+
+
+class _ListCorpus:
+    """The corpus read and tokenized in memory on every rank (to be replaced by the shared,
+    memory-mapped tokenized corpus)."""
+
+    def __init__(self, examples, skipped):
+        from grass_llm.store.identity import dataset_fingerprint
+
+        self._examples, self.skipped = examples, skipped
+        self.n_examples = len(examples)
+        self.lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
+        self.n_targets = np.array([sum(1 for lab in e.labels[1:] if lab != -100)
+                                   for e in examples], dtype=np.int64)
+        self.fingerprint = dataset_fingerprint(
+            (e.id, e.input_ids, e.labels) for e in examples)["fingerprint"]
+
+    def examples(self, idx):
+        return [self._examples[int(i)] for i in idx]
+
+    def ids(self, a: int, b: int) -> list[str]:
+        return [e.id for e in self._examples[a:b]]
+
+
+def _open_corpus(cfg, tok, progress: bool):
+    from grass_llm.data import read_records, tokenize_records
+
+    read = read_records(cfg.data, on_error=cfg.on_bad_record)
+    toks = tokenize_records(read.records, tok, max_length=cfg.max_length,
+                            overflow=cfg.overflow, on_error=cfg.on_bad_record)
+    return _ListCorpus(toks.examples, read.skipped + toks.skipped)
 
 
 def _local_size(url: str) -> int | None:
@@ -186,96 +260,6 @@ def _local_size(url: str) -> int | None:
     if "://" in url or not root.is_dir():
         return None
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-
-
-class _Loop:
-    """The step loop of one rank: batches of its chunks, lockstep fillers, chunk writes."""
-
-    def __init__(self, cfg, info, setup, store, examples, capture, pad_id, progress):
-        self.cfg, self.info, self.setup, self.store = cfg, info, setup, store
-        self.examples, self.capture, self.pad_id = examples, capture, pad_id
-        self.progress = progress and info.is_main
-        self.lengths = np.array([len(e.input_ids) for e in examples])
-        self.plans = [self._plan(store.pending_chunks(r, setup.dp_size))
-                      for r in range(setup.dp_size)]
-
-    def _plan(self, chunks: list[int]) -> list[tuple[int, list[int]]]:
-        """``[(chunk, example indices of one batch), ...]`` for a rank's pending chunks."""
-        steps = []
-        for c in chunks:
-            a, b = self.store.layout.chunk_range(c)
-            for batch in token_budget_batches(self.lengths[a:b].tolist(), self.cfg.max_tokens):
-                steps.append((c, [a + i for i in batch]))
-        return steps
-
-    def run(self) -> tuple[int, int]:
-        mine = self.plans[self.setup.dp_rank]
-        n_steps = max(len(p) for p in self.plans) if self.setup.lockstep else len(mine)
-        filler = [int(np.argmin(self.lengths))]
-        buffers: dict[int, dict] = {}
-        remaining = {c: len(range(*self.store.layout.chunk_range(c))) for c, _ in mine}
-        tokens, written, examples = 0, 0, 0
-        n_mine = sum(len(ix) for _, ix in mine)
-        bar = _bar(self.progress, int(sum(self.lengths[ix].sum() for _, ix in mine)))
-        with self.capture as cap:
-            for step in range(n_steps):
-                if step >= len(mine):  # lockstep filler: keeps collectives matched
-                    self._compute(cap, filler)
-                    continue
-                c, idx = mine[step]
-                out = self._compute(cap, idx)
-                buf = buffers.setdefault(c, {})
-                for j, i in enumerate(idx):
-                    buf[i] = self._row(out, j)
-                n_tok = int(self.lengths[idx].sum())
-                tokens += n_tok
-                examples += len(idx)
-                if bar is not None:
-                    bar.set_postfix(examples=f"{examples}/{n_mine}", refresh=False)
-                    bar.update(n_tok)
-                remaining[c] -= len(idx)
-                if remaining[c] == 0:
-                    if self.setup.writer:
-                        self._write(c, buffers.pop(c))
-                        written += 1
-                    else:
-                        buffers.pop(c)
-        if bar is not None:
-            bar.close()
-        # tensor-parallel ranks of one group computed the same tokens: count them once
-        return written, tokens if self.setup.writer else 0
-
-    def _compute(self, cap, idx):
-        batch = collate([self.examples[i] for i in idx], self.pad_id)
-        dev = self.info.device
-        return cap(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
-                   batch["labels"].to(dev))
-
-    def _row(self, out, j: int) -> dict:
-        row = {"loss": float(out.loss[j]), "n": int(out.n_targets[j])}
-        if out.offsets is None:
-            row["grads"] = {k: v[j].float().cpu() for k, v in out.grads.items()}
-            return row
-        a, b = int(out.offsets[j]), int(out.offsets[j + 1])
-        row["tokens"] = {k: v[a:b].float().cpu() for k, v in out.grads.items()}
-        # the example's row is the sum of its token rows (exact: the maps are linear)
-        row["grads"] = {k: v.sum(0) for k, v in row["tokens"].items()}
-        row["positions"] = out.positions[a:b].cpu()
-        return row
-
-    def _write(self, c: int, rows: dict[int, dict]) -> None:
-        a, b = self.store.layout.chunk_range(c)
-        order = [rows[i] for i in range(a, b)]
-        names = list(order[0]["grads"])
-        kwargs = {}
-        if self.cfg.token_mode is not None:
-            kwargs["token_grads"] = {k: torch.cat([r["tokens"][k] for r in order])
-                                     for k in names}
-            kwargs["token_positions"] = torch.cat([r["positions"] for r in order])
-        self.store.write_chunk(
-            c, {k: torch.stack([r["grads"][k] for r in order]) for k in names},
-            [self.examples[i].id for i in range(a, b)], [r["n"] for r in order],
-            [r["loss"] for r in order], nonfinite=self.cfg.nonfinite, **kwargs)
 
 
 def _quiet() -> None:
@@ -289,12 +273,3 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore")
     for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _bar(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="tok", unit_scale=True, desc="caching (rank 0's share)",
-                dynamic_ncols=True, smoothing=0.1)

@@ -53,9 +53,21 @@ def test_example_quality_is_real():
 
 def test_every_command_has_help():
     commands = ["compressors", "example", "demo", "cache", "config-help", "fisher", "query",
-                "self-influence", "value", "info", "verify", "plan"]
+                "self-influence", "value", "info", "verify", "plan", "fit-mask"]
     res = runner.invoke(app, ["--help"], terminal_width=200)
     for cmd in commands:
         assert cmd in res.output
         sub = runner.invoke(app, [cmd, "--help"], terminal_width=200)
         assert sub.exit_code == 0 and "Usage" in sub.output, cmd
+
+
+def test_fit_mask_refuses_bad_settings_before_loading_anything():
+    base = ["fit-mask", "--model", "tiny:llama", "--data", "d.jsonl", "--targets", "t.jsonl",
+            "--out", "m.safetensors"]
+    for extra, msg in [(["--compressor", "logra:k_in=2,k_out=2"], "must be a factgrass spec"),
+                       (["--compressor", "factgrass:k=4,k_in=2,k_out=2,mask=m.st"],
+                        "already names a mask"),
+                       (["--set", "nope=1"], "expected KEY=VALUE"),
+                       (["--n-train", "2"], "n_train must be >= 3")]:
+        res = runner.invoke(app, base + extra, terminal_width=200)
+        assert res.exit_code == 2 and msg in res.output, (extra, res.output)

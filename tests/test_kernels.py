@@ -1,13 +1,20 @@
 """The fused kernels (csrc/, grass_llm.kernels) against the pure-torch reference.
 
 The CPU extension is built here (JIT, cached); CUDA kernels are compiled in CI by
-tools/check_cuda_build.sh and checked on a GPU by tools/gpu_check.sh.
+tools/check_cuda_build.sh and checked on a GPU by tools/gpu_check.sh, which runs this file
+there: every ``device``-parametrized test runs on CUDA too, and the ``test_cuda_*`` tests (grid
+limits, every per-token block shape, a whole capture on GPU against CPU) only there.
+Table validation, GPU targets, the build cache and the launch fallback: test_kernels_build.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import subprocess
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +29,12 @@ if os.environ.get("GRASS_LLM_KERNELS", "auto") == "reference":
     pytest.skip("GRASS_LLM_KERNELS=reference: the extension is switched off", allow_module_level=True)
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a GPU (tools/gpu_check.sh runs these)"))]
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(),
+                               reason="needs a GPU (tools/gpu_check.sh runs these)")
+DEVICES = ["cpu", pytest.param("cuda", marks=cuda_only)]
+# float32 results of the kernels and of the reference differ only in summation order: relative
+# round-off of a few 1e-7 over up to T * c terms; 2e-5 of the largest entry leaves margin.
+RTOL32 = 2e-5
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +86,43 @@ def test_factgrass_matches_reference(ext, device, dtype, rtol, per_token, T):
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
 
 
-def test_factgrass_mixed_input_dtypes(ext, device):
-    # capture passes float32 features with the model's raw (here bfloat16) delta
-    x, d, idx_in, idx_out, indptr, src, sgn = _to(device, *_case(torch.float32))
-    d = d.to(torch.bfloat16)
-    got = ext.factgrass(x, d, idx_in, idx_out, indptr, src, sgn, 1.0, False)
-    want = reference.factgrass(x, d, idx_in, idx_out, indptr, src, sgn, 1.0, False)
-    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5 * want.abs().max().item())
+def _close(got, want, rtol=RTOL32):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
+
+
+# Llama-8B's masks are 128 x 128; 130 x 67 gives the CUDA kernel 3 x 2 tiles of 64, the last one
+# partial on both sides, and T = 300 five 64-token chunks (two 256-token ones on the CPU), the
+# last partial. k = 1031 spreads the SJLT over several blocks of outputs.
+PRODUCTION = dict(B=2, T=300, I=301, O=257, KI=130, KO=67, K=1031, c=2, seed=5)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_production_tiling_matches_reference(ext, device, per_token):
+    x, d, idx_in, idx_out, indptr, src, sgn = _to(device, *_case(torch.float32, **PRODUCTION))
+    got = ext.factgrass(x, d, idx_in, idx_out, indptr, src, sgn, 0.5, per_token)
+    _close(got, reference.factgrass(x, d, idx_in, idx_out, indptr, src, sgn, 0.5, per_token))
+
+
+LOW = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+       (torch.bfloat16, torch.float16), (torch.float32, torch.bfloat16),  # capture: fp32
+       (torch.float16, torch.float32), (torch.float32, torch.float16)]  # features, raw delta
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("x_dtype,d_dtype", LOW)
+def test_low_precision_inputs_equal_float32_on_the_same_values(ext, device, x_dtype, d_dtype,
+                                                              per_token):
+    # The kernels upcast each input once and accumulate in float32. A product of two bf16 or
+    # fp16 values is exact in float32, so on the same values upcast, the float32 reference
+    # differs from the kernel by summation order alone: float32's tolerance, not bf16's.
+    x, d, idx_in, idx_out, indptr, src, sgn = _to(device, *_case(
+        torch.float32, **{**PRODUCTION, "T": 150, "seed": 6}))
+    x, d = x.to(x_dtype), d.to(d_dtype)
+    got = ext.factgrass(x, d, idx_in, idx_out, indptr, src, sgn, 0.5, per_token)
+    want = reference.factgrass(x.float(), d.float(), idx_in, idx_out, indptr, src, sgn, 0.5,
+                               per_token)
+    _close(got, want)
 
 
 @pytest.mark.parametrize("per_token", [False, True])
@@ -108,7 +149,7 @@ def test_low_precision_error_at_most_twice_torch(ext, device, low, per_token):
     assert err_kernel <= 2 * err_torch, (err_kernel, err_torch)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_sjlt_and_transpose(ext, device, dtype):
     comp = SJLT(1001, 97, c=3, seed=4)
     g = torch.randn(5, 1001, dtype=torch.float64).to(dtype).to(device)
@@ -128,11 +169,24 @@ def test_sjlt_and_transpose(ext, device, dtype):
     torch.testing.assert_close(got_t.double(), y.double() @ dense, rtol=tol, atol=tol)
 
 
-def test_cuda_results_are_bitwise_reproducible(ext, device):
-    x, d, idx_in, idx_out, indptr, src, sgn = _to(device, *_case(torch.bfloat16, B=2, T=700))
-    a = ext.factgrass(x, d, idx_in, idx_out, indptr, src, sgn, 1.0, False)
-    b = ext.factgrass(x, d, idx_in, idx_out, indptr, src, sgn, 1.0, False)
+def test_sjlt_t_of_no_coordinates_is_empty(ext, device):
+    y = torch.randn(3, 5, device=device)
+    rows = torch.zeros(2, 0, dtype=torch.long, device=device)
+    signs = torch.zeros(2, 0, device=device)
+    assert ext.sjlt_t(y, rows, signs, 1.0).shape == (3, 0)  # no zero-sized grid on CUDA
+    assert kernels.sjlt_t(y, rows, signs, 1.0).shape == (3, 0)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_results_are_bitwise_reproducible(ext, device, per_token):
+    x, d, idx_in, idx_out, indptr, src, sgn = _to(device, *_case(torch.bfloat16, B=3, T=700))
+    a = ext.factgrass(x, d, idx_in, idx_out, indptr, src, sgn, 1.0, per_token)
+    b = ext.factgrass(x, d, idx_in, idx_out, indptr, src, sgn, 1.0, per_token)
     assert torch.equal(a, b)  # no atomics anywhere: same bits every run
+    if device.type == "cuda":  # fixed chunks: an example's bits do not depend on its batch
+        one = ext.factgrass(x[1:2].contiguous(), d[1:2].contiguous(), idx_in, idx_out, indptr,
+                            src, sgn, 1.0, per_token)
+        assert torch.equal(one[0], a[1])
 
 
 def test_results_do_not_depend_on_thread_count(ext):
@@ -176,7 +230,7 @@ def test_custom_ops_pass_opcheck(ext):
     (lambda a: {**a, "x": a["x"][:0], "delta": a["delta"][:0]}, "empty batch"),
     (lambda a: {**a, "x": a["x"][:, :0], "delta": a["delta"][:, :0]}, "T = 0"),
     (lambda a: {**a, "delta": a["delta"][:, :3]}, "disagree on"),
-    (lambda a: {**a, "idx_in": a["idx_in"].int()}, "idx_in must be a 1-D int64"),
+    (lambda a: {**a, "idx_in": a["idx_in"].int()}, "idx_in must be a contiguous 1-D int64"),
     (lambda a: {**a, "delta": a["delta"].double()}, "both float64"),
     (lambda a: {**a, "x": a["x"].int()}, "x must be float16"),
 ])
@@ -239,3 +293,124 @@ def test_reference_switch(monkeypatch):
     finally:
         monkeypatch.undo()  # the caller's GRASS_LLM_KERNELS back before the state is reset
         build.reset()
+
+
+# ------------------------------------------------------- CUDA kernels, emulated on the CPU
+EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
+SANITIZERS = {"address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"],
+              "thread": ["-fsanitize=thread"]}
+
+
+def _emulation_binary(sanitizer: str) -> Path:
+    """tests/cuda_emulation/check_kernels.cpp built with a sanitizer, cached by content."""
+    cxx = os.environ.get("CXX", "c++")
+    flags = ["-std=c++20", "-O1", "-g", "-pthread", "-Wno-unknown-pragmas",
+             *SANITIZERS[sanitizer]]
+    sources = sorted(EMULATION.glob("*")) + sorted((build.csrc_dir() / "cuda").glob("*.cuh"))
+    h = hashlib.sha256(repr((cxx, flags)).encode())
+    for f in sources:
+        h.update(f.name.encode() + f.read_bytes())
+    exe = build.cache_dir() / "emulation" / f"check_kernels_{sanitizer}_{h.hexdigest()[:12]}"
+    if not exe.is_file():
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        tmp = exe.with_suffix(f".{os.getpid()}.tmp")
+        res = subprocess.run([cxx, *flags, str(EMULATION / "check_kernels.cpp"), "-o", str(tmp)],
+                             capture_output=True, text=True, timeout=600)
+        if res.returncode != 0 and ("lasan" in res.stderr or "ltsan" in res.stderr or
+                                    "lubsan" in res.stderr):
+            pytest.skip(f"{cxx} has no {sanitizer} sanitizer runtime")
+        assert res.returncode == 0, res.stderr[-3000:]
+        tmp.replace(exe)
+    return exe
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
+                    reason="needs a C++ compiler")
+@pytest.mark.parametrize("sanitizer", sorted(SANITIZERS))
+def test_cuda_kernels_are_correct_in_a_cpu_emulation(sanitizer):
+    # csrc/cuda's kernels compiled for the CPU (tests/cuda_emulation): every kernel against a
+    # float64 reference at the production tiling, with the launchers' grids and with grids of
+    # 1-3 blocks (every stride loop runs). AddressSanitizer catches an out-of-bounds read or
+    # write, ThreadSanitizer a missing __syncthreads() (a race on shared memory).
+    args = ["--quick"] if sanitizer == "thread" else []  # threads are slow under TSan
+    res = subprocess.run([str(_emulation_binary(sanitizer)), *args], capture_output=True,
+                         text=True, timeout=600)
+    if sanitizer == "thread" and "unexpected memory mapping" in res.stderr:
+        pytest.skip("ThreadSanitizer cannot run on this kernel's memory layout")
+    assert res.returncode == 0 and "all passed" in res.stdout, res.stdout + res.stderr[-3000:]
+    assert "WARNING: ThreadSanitizer" not in res.stderr, res.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------- GPU only
+def _dense_case(B, T, seed=0, device="cuda", KI=3, KO=3, K=5):
+    """Inputs made on the GPU (too large to draw on the CPU), tiny masks, a 2-nonzero SJLT."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(B, T, 8, generator=g, device=device)
+    d = torch.randn(B, T, 8, generator=g, device=device)
+    idx_in = torch.tensor([1, 4, 8], device=device)[:KI]  # 8 = the bias column
+    idx_out = torch.tensor([0, 3, 7], device=device)[:KO]
+    return x, d, idx_in, idx_out, *_to(device, *_tables(KI, KO, K, 2, seed + 1))
+
+
+@cuda_only
+def test_cuda_grids_stride_past_their_limits(ext):
+    # Grid y/z hold at most 65,535 blocks and the per-token grid at most 65,536 blocks of 16
+    # rows: every kernel strides past those, and the entries beyond them must be computed.
+    comp = SJLT(64, 17, c=2, seed=7)
+    g = torch.randn(70_001, 64, device="cuda")
+    y = torch.randn(70_001, 17, device="cuda")
+    indptr, src, sgn = comp.csr.on(g.device)
+    rows = torch.from_numpy(comp.rows).cuda()
+    signs = torch.from_numpy(comp.signs.astype(np.float32)).cuda()
+    _close(ext.sjlt(g, indptr, src, sgn, 0.5), reference.sjlt(g, indptr, src, sgn, 0.5))
+    _close(ext.sjlt_t(y, rows, signs, 0.5), reference.sjlt_t(y, rows, signs, 0.5))
+    # per example: 70,001 examples (grid z), then one sequence of 65,537 64-token chunks
+    # (grid y) whose last 100 tokens dominate, so dropping the chunks past the grid shows
+    for B, T in ((70_001, 1), (1, 65_536 * 64 + 65)):
+        x, d, *tabs = _dense_case(B, T)
+        x[:, -100:] *= 1000
+        got = ext.factgrass(x, d, *tabs, 1.0, False)
+        want = reference.factgrass(x.double(), d.double(), *tabs, 1.0, False)
+        # float32 sums of up to 4M terms: a few 1e-5 relative; a dropped chunk is ~1
+        _close(got.double(), want, rtol=1e-3)
+    x, d, *tabs = _dense_case(1, 2**20 + 37)  # per token: more than 2^20 rows
+    _close(ext.factgrass(x, d, *tabs, 1.0, True), reference.factgrass(x, d, *tabs, 1.0, True))
+
+
+# k_in + k_out features of 16 token rows per block fill shared memory fast: 1,001 float32
+# columns need the opt-in above 48 KiB, 1,500 float64 ones 4 rows per block and 7,300 float64
+# ones 1 row per block (on an H200's 227 KiB; other GPUs switch at other sizes, always correct).
+@cuda_only
+@pytest.mark.parametrize("dtype,KI,KO", [(torch.float32, 700, 301), (torch.float64, 800, 700),
+                                         (torch.float64, 3700, 3600)])
+def test_cuda_per_token_every_block_shape(ext, dtype, KI, KO):
+    x, d, idx_in, idx_out, indptr, src, sgn = _to("cuda", *_case(
+        dtype, B=2, T=3, I=KI + 5, O=KO + 2, KI=KI, KO=KO, K=257, c=1, seed=8))
+    got = ext.factgrass(x, d, idx_in, idx_out, indptr, src, sgn, 1.0, True)
+    want = reference.factgrass(x, d, idx_in, idx_out, indptr, src, sgn, 1.0, True)
+    _close(got, want, rtol=1e-12 if dtype == torch.float64 else RTOL32)
+
+
+@cuda_only
+@pytest.mark.parametrize("token_mode", [None, "position"])
+def test_cuda_capture_equals_cpu_capture(ext, token_mode):
+    from grass_llm.capture import GradientCapture
+    from grass_llm.models import tiny_model
+
+    ids = torch.randint(0, 101, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    outs = {}
+    for dev in ("cpu", "cuda"):  # qwen2: q/k/v have biases, so the bias column is used too
+        model = tiny_model("qwen2", dtype=torch.float64, attn_implementation="eager").to(dev)
+        with GradientCapture(model, "factgrass:k=24,k_in=8,k_out=7,c=2", seed=3,
+                             token_mode=token_mode) as cap:
+            outs[dev] = cap(ids.to(dev), mask.to(dev))
+    assert kernels.backend_name(torch.zeros(1, device="cuda")) == "cuda"
+    for name, want in outs["cpu"].grads.items():
+        got = outs["cuda"].grads[name].cpu()
+        # float64 model, but transformers' RMSNorm rounds to float32 (6e-8 relative) on each
+        # device in its own order: rows agree to ~1e-7; a kernel bug is of order 1
+        scale = want.norm(dim=-1)
+        err = (got - want).norm(dim=-1) / scale.clamp_min(1e-9 * float(scale.max()))
+        assert got.shape == want.shape and float(err.max()) < 1e-5, (name, float(err.max()))

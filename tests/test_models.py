@@ -59,3 +59,31 @@ def test_loader_errors_say_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="do not belong together"):
         load_model(str(tmp_path / "config.json"))
     assert len(byte_tokenizer()) == BYTE_VOCAB
+
+
+def test_weights_hash_is_cached_by_file_and_follows_a_changed_checkpoint(tmp_path, monkeypatch):
+    from grass_llm.models import tiny_model, weight_sources
+    from grass_llm.store import identity
+
+    monkeypatch.setenv("GRASS_LLM_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "ckpt"
+    tiny_model("llama", seed=0, vocab_size=BYTE_VOCAB).save_pretrained(ckpt)
+    byte_tokenizer().save_pretrained(ckpt)
+    model, _, _ = load_model(str(ckpt))
+    fresh = identity.model_identity(model)
+    calls = []
+    real = identity._model_identity
+    monkeypatch.setattr(identity, "_model_identity",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    src = weight_sources(str(ckpt))
+    first = identity.model_identity(model, "x", sources=src, key="float32")
+    again = identity.model_identity(model, "x", sources=src, key="float32")
+    assert first == again == {**fresh, "name": "x"} and len(calls) == 1  # hashed once
+    assert identity.model_identity(model, "x", sources=src, key="bfloat16") == first
+    assert len(calls) == 2  # another dtype is another key
+    other = tiny_model("llama", seed=1, vocab_size=BYTE_VOCAB)
+    other.save_pretrained(ckpt)  # same path, new bytes (size/mtime change)
+    model2, _, _ = load_model(str(ckpt))
+    changed = identity.model_identity(model2, "x", sources=weight_sources(str(ckpt)),
+                                      key="float32")
+    assert changed["weights_hash"] != first["weights_hash"] and len(calls) == 3

@@ -279,3 +279,32 @@ def test_identities_change_exactly_when_their_subject_changes():
     assert dataset_fingerprint(ds)["n_examples"] == 2
     assert dataset_fingerprint(ds[::-1]) != dataset_fingerprint(ds)
     assert dataset_fingerprint([("x", [1, 2, 3], [1, 2, 3]), ds[1]]) != dataset_fingerprint(ds)
+
+
+def test_background_writer_stops_at_its_first_error_and_keeps_what_was_done(tmp_path):
+    from grass_llm.store.writer import ChunkWriter
+
+    url = str(tmp_path / "s.zarr")
+    store = create_store(url, small_layout(), META)
+    rng = np.random.default_rng(0)
+
+    def kwargs(c, bad=False):
+        a, b = store.layout.chunk_range(c)
+        grads = {x.name: rng.standard_normal((b - a, x.k)).astype(np.float32) for x in LAYERS}
+        if bad:
+            grads["a.q_proj"][0, 0] = np.nan  # nonfinite="fail" makes write_chunk raise
+        return dict(grads=grads, example_ids=[f"e{i}" for i in range(a, b)],
+                    n_targets=np.full(b - a, 3), loss=rng.random(b - a))
+
+    writer = ChunkWriter(store, max_pending=1)
+    writer.submit(0, **kwargs(0))
+    writer.submit(1, **kwargs(1, bad=True))
+    with pytest.raises(NonFiniteGradientError):
+        for c in (2, 3):  # the loop learns of the failure at a later submit or at close
+            writer.submit(c, **kwargs(c))
+        writer.close()
+    done = open_store(url).done_chunks()
+    assert done[0] and not done[1] and not done[2:].any()  # nothing after the failure
+    # chunk 0 intact (no checksum problem); the rest simply pending, to be resumed
+    problems = verify_store(url)
+    assert len(problems) == 1 and "3 of 4 row chunks are not complete" in problems[0]

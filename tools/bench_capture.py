@@ -8,6 +8,11 @@ Main table, all rows on the same model and the same batches:
   LoGra           capture, logra 64x64
   GraSS (G)       capture through materialized per-example gradients, grass k=4096, k'=16384
   Gaussian (G)    capture through materialized gradients and a dense Gaussian k x p map
+  + rows: ...     the FactGraSS capture plus the cache job's host-side row handling (no disk):
+                  "per example per layer" is how the runner did it before (a float32 host copy
+                  and a dict per example and layer, a stack per layer, the store's encode);
+                  "one buffer per batch" is cache_loop (one [B, sum K] float16 buffer per batch,
+                  one copy to pinned host memory, placed into the chunk's buffer, the encode)
 (--setting paper, the default; --setting small uses 32x32 -> 256, 16x16, k'=1024, Gaussian
 k=256.) A dense map that cannot be kept in memory (k x p above the compressors' cache limit)
 would be regenerated on every call; that row is then skipped, and the output says so.
@@ -38,11 +43,13 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from pathlib import Path
 
 from grass_llm import kernels
+from grass_llm.cache_loop import _ChunkBuffer, stage_batch
 from grass_llm.capture import GradientCapture
 from grass_llm.capture.hooks import _embedding_leaf
 from grass_llm.capture.layers import select_layers
@@ -161,6 +168,53 @@ def capture_step(cap, batches):
             cap(ids)
 
 
+ROWS_OLD = "  + rows: per example per layer (before)"
+ROWS_NEW = "  + rows: one buffer per batch (after)"
+
+
+def _encode(rows: torch.Tensor) -> np.ndarray:
+    """What GradientStore.write_chunk does to a float16 store's rows before writing them."""
+    x = rows.detach().to("cpu", torch.float32).numpy()
+    np.isfinite(x).all(axis=1)
+    return x.astype(np.float16)
+
+
+def rows_per_example(out) -> None:
+    """The runner's row handling before the one-buffer change: per example and per layer a
+    float32 host copy and a dict, then per layer a stack, then the store's encode."""
+    B = next(iter(out.grads.values())).shape[0]
+    rows = [{"loss": float(out.loss[j]), "n": int(out.n_targets[j]),
+             "grads": {k: v[j].float().cpu() for k, v in out.grads.items()}} for j in range(B)]
+    for k in out.grads:
+        _encode(torch.stack([r["grads"][k] for r in rows]))
+
+
+def rows_one_buffer(out, names, pinned: bool) -> None:
+    """cache_loop's row handling: one [B, sum K] float16 buffer per batch staged to the host and
+    placed into the chunk's buffer, then the writer's encode (here in the same thread)."""
+    B = next(iter(out.grads.values())).shape[0]
+    width = sum(out.grads[n].shape[1] for n in names)
+    buf = _ChunkBuffer(0, B, width, torch.float16)
+    buf.place(stage_batch(0, np.arange(B), out, names, torch.float16, pinned))
+    off = 0
+    for n in names:
+        k = out.grads[n].shape[1]
+        _encode(buf.rows[:, off:off + k])
+        off += k
+
+
+def capture_rows_step(cap, batches, how: str):
+    names = list(cap.compressors)
+    pinned = next(cap.model.parameters()).device.type == "cuda"
+    with cap:
+        for ids in batches:
+            out = cap(ids)
+            if how == "old":
+                rows_per_example(out)
+            else:
+                rows_one_buffer(out, names, pinned)
+
+
 def measure(rows: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
     """Median seconds of each row over ``repeats`` interleaved passes."""
     times: dict[str, list[float]] = {name: [] for name in rows}
@@ -175,19 +229,28 @@ def measure(rows: dict[str, Callable[[], None]], repeats: int) -> dict[str, floa
 
 
 def bench(model, batches, specs: dict[str, str], repeats: int, *, train: bool = True,
-          layers=None) -> tuple[dict[str, float], dict[str, GradientCapture]]:
+          layers=None, row_handling: bool = False
+          ) -> tuple[dict[str, float], dict[str, GradientCapture]]:
     """Tokens/s of the floor (and train step) and of a capture per spec, on ``batches``."""
     caps = {name: GradientCapture(model, spec, seed=0, layers=layers)
             for name, spec in specs.items()}
     rows = {TRAIN: lambda: train_step(model, batches)} if train else {}
     rows[FLOOR] = lambda: floor_step(model, batches)
     rows.update({name: (lambda c=cap: capture_step(c, batches)) for name, cap in caps.items()})
+    fact = next((c for n, c in caps.items() if n.startswith("FactGraSS")), None)
+    if row_handling and fact is not None:  # the cache loop's host side, before and after
+        cap = fact
+        rows[ROWS_OLD] = lambda: capture_rows_step(cap, batches, "old")
+        rows[ROWS_NEW] = lambda: capture_rows_step(cap, batches, "new")
     warm = [batches[0][:2, :16]]  # warm-up of every path on a small batch
     if train:
         train_step(model, warm)
     floor_step(model, warm)
     for cap in caps.values():
         capture_step(cap, warm)
+    if row_handling and fact is not None:
+        capture_rows_step(fact, warm, "old")
+        capture_rows_step(fact, warm, "new")
     secs = measure(rows, repeats)
     return {name: n_tokens(batches) / s for name, s in secs.items()}, caps
 
@@ -227,7 +290,7 @@ def main_table(args, model) -> None:
             continue
         specs[name] = spec
     t0 = time.perf_counter()
-    tps, caps = bench(model, batches, specs, args.repeats)
+    tps, caps = bench(model, batches, specs, args.repeats, row_handling=True)
     print("numbers stored per document: " + ", ".join(
         f"{name}: {cap.total_k:,}" for name, cap in caps.items()))
     print_table(f"main table: {len(batches)} batches, {n_tokens(batches):,} tokens per pass, "
@@ -307,6 +370,9 @@ def main() -> None:
                     help="decoder blocks hooked in the layers table (default 1, n/4, n/2, n)")
     ap.add_argument("--store-dtype", choices=sorted(STORE_BYTES), default="float16",
                     help="storage dtype for the bytes-per-token column")
+    ap.add_argument("--profile", action="store_true",
+                    help="print where one FactGraSS step's time goes (tools/capture_profile.py) "
+                         "instead of the tables")
     args = ap.parse_args()
     tables = [] if args.scaling == "none" else [t.strip() for t in args.scaling.split(",")]
     bad = set(tables) - {"seq", "k", "layers"}
@@ -322,6 +388,16 @@ def main() -> None:
           f"{torch.__version__}, {torch.get_num_threads()} threads, device {device}, kernels "
           f"'{kernels.backend_name(torch.zeros(1, device=device))}'")
     t0 = time.perf_counter()
+    if args.profile:
+        from capture_profile import print_profile, profile
+
+        spec = next(v for k, v in SETTINGS[args.setting].items() if k.startswith("FactGraSS"))
+        batches = make_batches(model.config.vocab_size, args.docs * args.seq, args.seq,
+                               args.batch * args.seq, device=model.device)
+        print_profile(profile(model, batches, spec, args.repeats),
+                      f"profile of one step: {spec}, {len(batches)} batches of "
+                      f"{batches[0].shape[0]} x {args.seq} tokens, medians of {args.repeats}")
+        return
     main_table(args, model)
     for what in tables:
         scaling(args, model, what)

@@ -14,8 +14,14 @@ setting), one batch each, it times:
 GRASS_LLM_KERNELS=reference runs. Calls are interleaved within each repeat so that drift on a
 shared machine hits both alike; figures are medians in ms, ratio = reference / fused.
 
+--vs-matmul instead times each call against the layer's own forward GEMM ``x @ W^T``, at the
+shapes of Llama-3.1-8B's q, k/v and down projections with B = 8, T = 1024 (per token at
+T = 256), masks 128x128 -> k 4096: the time of --calls back-to-back calls divided by their
+number, measured with CUDA events on a GPU (the wall clock on the CPU); --small divides the
+shapes by 16 for a quick run on a CPU.
+
 Usage: python tools/bench_kernels.py [--device cpu|cuda] [--dtype float32|bfloat16]
-       [--repeats 7] [--quick]
+       [--repeats 7] [--quick] [--vs-matmul [--calls 100] [--small]]
 """
 
 from __future__ import annotations
@@ -94,12 +100,87 @@ def shape_rows(name, shape, dtype, device, repeats):
     return rows
 
 
+# name: (d_in, d_out) of Llama-3.1-8B's projections; masks 128x128 -> k 4096
+MATMUL_SHAPES = {"q_proj 4096->4096": (4096, 4096), "k/v_proj 4096->1024": (4096, 1024),
+                 "down_proj 14336->4096": (14336, 4096)}
+
+
+def per_call(fn, calls: int, device: torch.device) -> float:
+    """Seconds per call of ``calls`` back-to-back calls (after one warm-up call)."""
+    fn()
+    _sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / calls
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+def matmul_rows(name, d_in, d_out, dtype, device, calls, small):
+    """(layer, what, seconds per call) for one projection, the GEMM first."""
+    div = 16 if small else 1
+    d_in, d_out = d_in // div, d_out // div
+    k_in, k = (32, 256) if small else (128, 4096)  # k_in * k_out / k = 4, the paper's
+    B, T, Tt = (2, 1024 // div, 256 // div) if small else (8, 1024, 256)
+    fg = FactGraSS(d_in, d_out, k=k, k_in=k_in, k_out=k_in, seed=0)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(B, T, d_in, generator=gen, device=device).to(dtype)
+    d = torch.randn(B, T, d_out, generator=gen, device=device).to(dtype)
+    w = (torch.randn(d_out, d_in, generator=gen, device=device) / d_in ** 0.5).to(dtype)
+    xf = fg.input_features(x)
+    idx_in, idx_out = (torch.from_numpy(a).to(device) for a in (fg.idx_in, fg.idx_out))
+    csr = fg.sjlt.csr.on(device)
+    g = torch.randn(B, fg.k_prime, generator=gen, device=device)
+    xt, dt, xft = x[:, :Tt].contiguous(), d[:, :Tt].contiguous(), xf[:, :Tt].contiguous()
+    cases = {
+        f"x @ W^T (the layer's forward GEMM, [{B * T}, {d_in}] x [{d_in}, {d_out}])":
+            lambda: torch.nn.functional.linear(x, w),
+        "forward hook: input_features(x)": lambda: fg.input_features(x),
+        "per example, fused: fg(x, delta)": lambda: fg(x, d),
+        "capture backward, fused: reduce(features, delta)": lambda: fg.reduce(xf, d),
+        "per example, reference": lambda: reference.factgrass(
+            x, d, idx_in, idx_out, *csr, fg.sjlt.scale, False),
+        f"per token (T={Tt}), fused: reduce(features, delta)":
+            lambda: fg.reduce(xft, dt, per_token=True),
+        f"per token (T={Tt}), fused from raw x": lambda: fg.per_token(xt, dt),
+        f"per token (T={Tt}), reference": lambda: reference.factgrass(
+            xt, dt, idx_in, idx_out, *csr, fg.sjlt.scale, True),
+        f"SJLT {fg.k_prime}->{k}, [{B}, {fg.k_prime}]": lambda: kernels.sjlt(g, *csr, 1.0),
+    }
+    return [(name, what, per_call(fn, calls, device)) for what, fn in cases.items()]
+
+
+def vs_matmul(args, dtype, device) -> None:
+    calls = args.calls
+    print(f"\n{calls} back-to-back calls each, "
+          f"{'CUDA events' if device.type == 'cuda' else 'wall clock'}; "
+          f"x and delta in {args.dtype}{', shapes / 16' if args.small else ''}")
+    print("\n| layer | what | ms per call | x of x @ W^T |")
+    print("|---|---|---:|---:|")
+    for name, (d_in, d_out) in MATMUL_SHAPES.items():
+        rows = matmul_rows(name, d_in, d_out, dtype, device, calls, args.small)
+        gemm = rows[0][2]
+        for layer, what, t in rows:
+            print(f"| {layer} | {what} | {t * 1e3:.4f} | {t / gemm:.2f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="SmolLM2 shapes only, 3 repeats")
+    ap.add_argument("--vs-matmul", action="store_true",
+                    help="time each call against the layer's x @ W^T (Llama-8B shapes)")
+    ap.add_argument("--calls", type=int, default=100, help="--vs-matmul: calls per timing")
+    ap.add_argument("--small", action="store_true", help="--vs-matmul: shapes / 16 (CPU)")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -110,6 +191,9 @@ def main() -> None:
           f"torch {torch.__version__}")
     if backend == "reference":
         print("WARNING: the extension is not in use, both columns run the reference")
+    if args.vs_matmul:
+        vs_matmul(args, dtype, device)
+        return
     shapes = {k: v for k, v in SHAPES.items() if not args.quick or k.startswith("SmolLM2")}
     repeats = 3 if args.quick else args.repeats
     print("\n| layer | what | fused ms | reference ms | reference / fused |")

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from grass_llm.capture.layers import select_layers
 from grass_llm.capture.loss import (
@@ -113,9 +112,11 @@ class GradientCapture:
             try:
                 self.compressors[name] = build_compressor(
                     spec, seed=derive_seed(seed, name), d_in=mod.in_features,
-                    d_out=mod.out_features, bias=bias,
+                    d_out=mod.out_features, bias=bias, layer=name,
                     p=mod.out_features * (mod.in_features + bias))
             except ValueError as err:
+                if "mask file" in str(err):  # a file problem, not a size problem
+                    raise ValueError(f"layer {name}: {err}") from err
                 raise ValueError(f"compressor {spec!r} does not fit layer {name} "
                                  f"({mod.out_features} x {mod.in_features}): {err}; choose "
                                  "smaller sizes or leave the layer out (exclude)") from err
@@ -315,9 +316,10 @@ class GradientCapture:
             for k, v in grads.items():
                 chunks[k].append(v)
             losses.append(loss)
-        grads = {k: (torch.cat(v) if v else torch.zeros(0, self.compressors[k].k))
+        dev = input_ids.device
+        grads = {k: (torch.cat(v) if v else torch.zeros(0, self.compressors[k].k, device=dev))
                  for k, v in chunks.items()}
-        tok_loss = torch.cat(losses) if losses else torch.zeros(0)
+        tok_loss = torch.cat(losses) if losses else torch.zeros(0, device=dev)
         loss = torch.zeros(input_ids.shape[0], dtype=tok_loss.dtype, device=input_ids.device)
         loss.index_add_(0, exp.example.to(loss.device), tok_loss.to(loss.device))
         n = exp.offsets[1:] - exp.offsets[:-1]
@@ -358,6 +360,14 @@ def _shard_view(comp, module: nn.Module, tp_group):
     if not isinstance(comp, FactorizedCompressor):
         raise ValueError(f"tensor parallelism needs a factorized compressor (factgrass, logra); "
                          f"{comp.name!r} needs each layer's whole gradient")
+    try:  # private torch API, imported only here: its absence must not break plain capture
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError as err:
+        raise RuntimeError(
+            "tensor-parallel capture needs torch.distributed.tensor._utils."
+            f"compute_local_shape_and_global_offset, which torch {torch.__version__} does not "
+            "have; use a torch version grass_llm supports for tensor parallelism, or capture "
+            "without tp_group (FSDP2 / ZeRO-3 / a single device)") from err
     local_shape, offset = compute_local_shape_and_global_offset(
         weight.shape, weight.device_mesh, weight.placements)
     out_range = (offset[0], offset[0] + local_shape[0])

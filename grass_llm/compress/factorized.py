@@ -7,6 +7,10 @@ forming it:
   x_t[S_in]^T`` (``[KO, KI]``), then ``SJLT_k(vec(M))``. Because both masks are sorted, vec(M) is
   exactly ``vec(G)[S]`` for the sorted flat mask ``S = {i * I + j : i in S_out, j in S_in}``, so
   FactGraSS *is* GraSS with that mask, applied at O(T k') cost instead of O(T I O).
+  The masks are random (from the seed), or learned ones read from a mask file (``mask=PATH``,
+  written by ``grass-llm fit-mask``; see ``mask_file``): the file's indices for this layer
+  replace the random draw, the SJLT stays seeded, and the canonical spec records the file's
+  SHA-256 (``mask_sha256``) so a later rebuild can check it has the same file.
 - ``LoGra``: ``M = sum_t (P_out delta_t)(P_in x_t)^T`` with Gaussian P's (entries N(0, 1/k_*)),
   i.e. ``vec(M) = (P_out kron P_in) vec(G)``; no second stage, k = k_in * k_out.
 """
@@ -20,6 +24,7 @@ from grass_llm import kernels
 from grass_llm.compress._hash import derive_seed, sample_indices
 from grass_llm.compress.base import FactorizedCompressor, check_size, compute_dtype
 from grass_llm.compress.dense import Gaussian
+from grass_llm.compress.mask_file import read_mask_file
 from grass_llm.compress.sparse import SJLT, _DeviceCache
 from grass_llm.kernels.reference import gather_last as _gather_last
 
@@ -37,12 +42,19 @@ def _check_factor(name: str, value: int, limit_name: str, limit: int) -> int:
 
 
 class FactGraSS(FactorizedCompressor):
-    """Factorized GraSS for one Linear layer: factor masks, outer-product sum, SJLT to k."""
+    """Factorized GraSS for one Linear layer: factor masks, outer-product sum, SJLT to k.
+
+    Args (besides the layer sizes and the seed): ``k`` output size, ``k_in`` / ``k_out`` mask
+    sizes, ``c`` SJLT nonzeros per column; ``mask`` a learned-mask file whose masks for
+    ``layer`` replace the random ones; ``mask_sha256`` the file's expected SHA-256 (a recorded
+    spec carries it: a different file is refused).
+    """
 
     name = "factgrass"
 
     def __init__(self, d_in: int, d_out: int, k: int, k_in: int, k_out: int, c: int = 1,
-                 seed: int = 0, bias: bool = False):
+                 seed: int = 0, bias: bool = False, mask: str | None = None,
+                 mask_sha256: str | None = None, layer: str | None = None):
         self.d_in = check_size("d_in", d_in)
         self.d_out = check_size("d_out", d_out)
         self.bias = bool(bias)
@@ -55,16 +67,51 @@ class FactGraSS(FactorizedCompressor):
         self.c = c
         self.seed = seed
         key = derive_seed(seed, "factgrass")
-        self.idx_in = sample_indices(self.d_in_eff, k_in, derive_seed(key, "in"))
-        self.idx_out = sample_indices(d_out, k_out, derive_seed(key, "out"))
+        self.mask_sha256: str | None = None
+        if mask is None:
+            if mask_sha256 is not None:
+                raise ValueError(f"the spec records a learned mask (mask_sha256="
+                                 f"{str(mask_sha256)[:12]}...) but names no mask file: add "
+                                 "mask=PATH with the file the store was built with")
+            self.idx_in = sample_indices(self.d_in_eff, k_in, derive_seed(key, "in"))
+            self.idx_out = sample_indices(d_out, k_out, derive_seed(key, "out"))
+        else:
+            self.idx_in, self.idx_out, self.mask_sha256 = self._learned(
+                str(mask), mask_sha256, layer)
         self.sjlt = SJLT(self.k_prime, k, c, derive_seed(key, "sjlt"))
         self._in = _DeviceCache(self.idx_in)
         self._out = _DeviceCache(self.idx_out)
         self._all_in = _DeviceCache(np.arange(k_in, dtype=np.int64))
         self._all_out = _DeviceCache(np.arange(k_out, dtype=np.int64))
 
+    def _learned(self, path: str, want_sha: str | None, layer: str | None):
+        """This layer's masks from a mask file, checked against the file's hash and the
+        layer's shape and the spec's sizes."""
+        if layer is None:
+            raise ValueError(f"mask={path} holds per-layer masks: the compressor needs its "
+                             "layer's name (build_compressor(..., layer=NAME))")
+        mf = read_mask_file(path)
+        if want_sha is not None and mf.sha256 != str(want_sha):
+            raise ValueError(f"mask file {path} has SHA-256 {mf.sha256[:12]}... but the spec "
+                             f"records {str(want_sha)[:12]}...: it is not the file the maps "
+                             "were built with")
+        lm = mf.layer(layer)
+        if (lm.d_in, lm.d_out, lm.bias) != (self.d_in, self.d_out, self.bias):
+            raise ValueError(f"mask file {path}: layer {layer} was fitted as {lm.d_out} x "
+                             f"{lm.d_in}{' + bias' if lm.bias else ''}, but the layer is "
+                             f"{self.d_out} x {self.d_in}{' + bias' if self.bias else ''}")
+        if (lm.k_in, lm.k_out) != (self.k_in, self.k_out):
+            raise ValueError(f"mask file {path}: layer {layer} has k_in={lm.k_in}, "
+                             f"k_out={lm.k_out} but the spec asks k_in={self.k_in}, "
+                             f"k_out={self.k_out}; fit the mask with this spec's sizes")
+        return (np.array(lm.idx_in, dtype=np.int64), np.array(lm.idx_out, dtype=np.int64),
+                mf.sha256)
+
     def spec_params(self) -> dict[str, object]:
-        return {"k": self.k, "k_in": self.k_in, "k_out": self.k_out, "c": self.c}
+        params = {"k": self.k, "k_in": self.k_in, "k_out": self.k_out, "c": self.c}
+        if self.mask_sha256 is not None:  # the map's identity is the file's content, not path
+            params["mask_sha256"] = self.mask_sha256
+        return params
 
     def mask_indices(self) -> np.ndarray:
         """The equivalent flat mask on row-major vec(G): sorted, ``k_in * k_out`` entries."""

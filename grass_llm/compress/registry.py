@@ -11,7 +11,9 @@ from grass_llm.compress.base import Compressor, FactorizedCompressor, VectorComp
 
 _REGISTRY: dict[str, type[Compressor]] = {}
 # Arguments a spec string may not set: they come from the layer (sizes) or the run (seed).
-_CONTEXT_ARGS = {"p", "d_in", "d_out", "seed", "bias", "indices"}
+_CONTEXT_ARGS = {"p", "d_in", "d_out", "seed", "bias", "indices", "layer"}
+# Parameters kept as text (a path, a hex digest), never parsed as numbers.
+_TEXT_PARAMS = {"mask", "mask_sha256"}
 
 
 def register_compressor(cls: type[Compressor]) -> type[Compressor]:
@@ -59,12 +61,14 @@ def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
             raise ValueError(f"bad item {item!r} in compressor spec {spec!r}: expected key=value")
         if key.strip() in params:
             raise ValueError(f"{key.strip()!r} given twice in compressor spec {spec!r}")
-        params[key.strip()] = _parse_value(value.strip())
+        key, value = key.strip(), value.strip()
+        params[key] = value if key in _TEXT_PARAMS else _parse_value(value)
     return name.strip().lower(), params
 
 
 def build_compressor(spec: str, *, seed: int, p: int | None = None, d_in: int | None = None,
-                     d_out: int | None = None, bias: bool = False, **extra) -> Compressor:
+                     d_out: int | None = None, bias: bool = False, layer: str | None = None,
+                     **extra) -> Compressor:
     """Build a compressor from a spec string and the layer's sizes.
 
     Args:
@@ -73,6 +77,8 @@ def build_compressor(spec: str, *, seed: int, p: int | None = None, d_in: int | 
         p: input size, for vector compressors.
         d_in, d_out: Linear layer sizes, for factorized compressors.
         bias: factorized compressors only: include the bias column.
+        layer: the layer's name, for compressors with per-layer data (``factgrass`` with
+            ``mask=PATH`` looks its masks up by it); ignored by the others.
         **extra: arguments that cannot live in a spec (e.g. ``indices`` of a SelectiveMask).
     """
     name, params = parse_spec(spec)
@@ -89,6 +95,8 @@ def build_compressor(spec: str, *, seed: int, p: int | None = None, d_in: int | 
     kwargs: dict[str, object] = dict(params, **extra)
     if "seed" in sig.parameters:
         kwargs["seed"] = seed
+    if "layer" in sig.parameters:
+        kwargs["layer"] = layer
     if issubclass(cls, FactorizedCompressor):
         if d_in is None or d_out is None:
             raise ValueError(f"{name!r} is a factorized compressor: give d_in and d_out")
@@ -103,3 +111,42 @@ def build_compressor(spec: str, *, seed: int, p: int | None = None, d_in: int | 
     if missing:
         raise ValueError(f"compressor spec {spec!r} is missing {missing}")
     return cls(**kwargs)
+
+
+def check_spec(spec: str) -> str:
+    """Validate a spec before any layer is known (a run config's check) without building
+    anything (a vector compressor's tables scale with the layer size, unknown here): its
+    syntax, name and parameter names, and for ``mask=PATH`` that the file reads as a mask file
+    whose layers all have the spec's ``k_in`` / ``k_out``. Values are checked against each
+    layer's sizes when the compressors are built. Returns the name; raises ValueError."""
+    name, params = parse_spec(spec)
+    cls = compressor_class(name)
+    bad = _CONTEXT_ARGS.intersection(params)
+    if bad:
+        raise ValueError(f"compressor spec {spec!r} sets {sorted(bad)}, which come from the "
+                         "layer or the run, not the spec")
+    sig = inspect.signature(cls.__init__)
+    unknown = [key for key in params if key not in sig.parameters]
+    if unknown:
+        allowed = sorted(set(sig.parameters) - _CONTEXT_ARGS - {"self"})
+        raise ValueError(f"{name!r} has no parameter {unknown[0]!r}; it takes {allowed}")
+    if "mask" in params:
+        _check_mask_file(params)
+    return name
+
+
+def _check_mask_file(params: dict) -> None:
+    from grass_llm.compress.mask_file import read_mask_file
+
+    mf = read_mask_file(params["mask"])
+    want_sha = params.get("mask_sha256")
+    if want_sha is not None and want_sha != mf.sha256:
+        raise ValueError(f"mask file {mf.path} has SHA-256 {mf.sha256[:12]}... but the spec "
+                         f"records {want_sha[:12]}...")
+    want = (params.get("k_in"), params.get("k_out"))
+    bad = [n for n, lm in mf.layers.items() if (lm.k_in, lm.k_out) != want]
+    if bad:
+        lm = mf.layers[bad[0]]
+        raise ValueError(f"mask file {mf.path}: layer {bad[0]} has k_in={lm.k_in}, "
+                         f"k_out={lm.k_out} but the spec asks k_in={want[0]}, "
+                         f"k_out={want[1]}; fit the mask with this spec's sizes")

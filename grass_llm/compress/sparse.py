@@ -27,7 +27,12 @@ from grass_llm import kernels
 
 
 class _DeviceCache:
-    """Keeps a table on every device (and dtype) it was asked for, built once from numpy."""
+    """Keeps a table on every device (and dtype) it was asked for, built once from numpy.
+
+    An integer table's copies are registered with ``kernels.tables`` along with the range of
+    the array they were copied from, so the kernels check them against each call's sizes
+    without measuring them on the device.
+    """
 
     def __init__(self, array: np.ndarray):
         self.array = array
@@ -37,7 +42,13 @@ class _DeviceCache:
         key = (device, dtype)
         if key not in self._by_key:
             t = torch.from_numpy(self.array)
-            self._by_key[key] = t.to(device=device, dtype=dtype or t.dtype)
+            index = dtype is None and np.issubdtype(self.array.dtype, np.integer)
+            # An index table is copied even on the CPU: a tensor sharing the array's memory
+            # would change, unseen by the checks, whenever the array is edited.
+            t = t.to(device=device, dtype=dtype or t.dtype, copy=index)
+            if index:
+                kernels.tables.remember(t, self.array)
+            self._by_key[key] = t
         return self._by_key[key]
 
 
@@ -80,14 +91,32 @@ def sjlt_csr(rows: np.ndarray, signs: np.ndarray, k: int
 
 
 class CsrTables:
-    """An SJLT's transpose CSR on every device it is used on (see ``sjlt_csr``)."""
+    """An SJLT's transpose CSR on every device it is used on (see ``sjlt_csr``).
+
+    The row table is validated here, once: every entry must name one of the k outputs (a
+    table that does not would index outside the kernels' output).
+    """
 
     def __init__(self, rows: np.ndarray, signs: np.ndarray, k: int):
+        _validate_sjlt_tables(rows, signs, k)
         self._parts = [_DeviceCache(a) for a in sjlt_csr(rows, signs, k)]
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         indptr, src, sgn = (p.get(device) for p in self._parts)
         return indptr, src, sgn
+
+
+def _validate_sjlt_tables(rows: np.ndarray, signs: np.ndarray, k: int) -> None:
+    if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(f"SJLT rows must be a 2-D integer array [c, n], got {rows.dtype} "
+                         f"{rows.shape}")
+    if signs.shape != rows.shape:
+        raise ValueError(f"SJLT signs {signs.shape} must have the shape of rows {rows.shape}")
+    if rows.size and (rows.min() < 0 or rows.max() >= k):
+        raise ValueError(f"SJLT rows must lie in [0, k={k}), got values in "
+                         f"[{rows.min()}, {rows.max()}]")
+    if not np.all(np.isfinite(signs)):
+        raise ValueError("SJLT signs must be finite")
 
 
 class RandomMask(VectorCompressor):

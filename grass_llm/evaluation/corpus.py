@@ -116,11 +116,17 @@ class Corpus:
 
     def query_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Like ``train_batch`` for the queries, with only the answer word as a target."""
-        ids, mask, labels = pad([self.encode(t) for t in self.queries], self.index[PAD])
-        answer = mask.sum(1) - 2  # position of the word before the final "."
-        keep = torch.zeros_like(labels, dtype=torch.bool)
-        keep[torch.arange(len(ids)), answer] = True
-        return ids, mask, labels.masked_fill(~keep, IGNORE)
+        return answer_only(*pad([self.encode(t) for t in self.queries], self.index[PAD]))
+
+
+def answer_only(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch with only each row's answer (the word before the final ".") as a target: the
+    query form of a statement."""
+    answer = mask.sum(1) - 2
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[torch.arange(len(ids)), answer] = True
+    return ids, mask, labels.masked_fill(~keep, IGNORE)
 
 
 def pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

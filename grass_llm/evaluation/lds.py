@@ -20,18 +20,22 @@ Shapes: N training examples, Q queries, M subset models, K a layer's compressed 
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from grass_llm.capture import GradientCapture, select_layers
+from grass_llm.compress import derive_seed
 from grass_llm.evaluation.corpus import Corpus, CorpusConfig, make_corpus
+from grass_llm.evaluation.selective import calibration_batches, fit_masks
 from grass_llm.evaluation.train import TrainConfig, example_losses, train
 from grass_llm.influence.fisher import DAMPING_MODES, precondition
 
-METHODS = ("exact", "factgrass", "logra", "grass", "sjlt", "mask", "gaussian")
+METHODS = ("exact", "factgrass", "factgrass_sm", "logra", "grass", "sjlt", "mask", "gaussian")
 #: FactGraSS / GraSS blow-up k'/k, the paper's setting (REFERENCE.md: 128x128 -> 4096)
 BLOWUP = 4
 
@@ -61,11 +65,11 @@ def layer_spec(method: str, k: int, d_out: int, d_in: int) -> tuple[str, int, st
     p = d_out * d_in
     if method == "exact":
         return "identity", p, None
-    if method in ("factgrass", "logra"):
+    if method in ("factgrass", "factgrass_sm", "logra"):
         side = math.isqrt(k)
         if side * side != k:
             raise ValueError(f"{method} needs k to be a perfect square (k_in = k_out), got {k}")
-        want = BLOWUP // 2 * side if method == "factgrass" else side
+        want = side if method == "logra" else BLOWUP // 2 * side
         k_in, k_out = min(want, d_in), min(want, d_out)
         if method == "logra":
             kk = k_in * k_out
@@ -99,7 +103,7 @@ def check_methods(methods: Sequence[str], ks: Sequence[int]) -> None:
                          f"{list(METHODS)}")
     if not ks or min(ks) < 1:
         raise ValueError(f"k values must be positive integers, got {list(ks)}")
-    for m in set(methods) & {"factgrass", "logra"}:
+    for m in set(methods) & {"factgrass", "factgrass_sm", "logra"}:
         odd = [k for k in ks if math.isqrt(k) ** 2 != k]
         if odd:
             raise ValueError(f"{m} needs every k to be a perfect square (k_in = k_out), got "
@@ -276,6 +280,17 @@ class LDSConfig:
     """Examples per capture step."""
     max_exact: int = 8192
     """Largest layer (d_out * d_in) the exact method handles: its Fisher is p x p float64."""
+    mask_train: int = 128
+    """factgrass_sm: training examples on the train side of the mask calibration."""
+    mask_targets: int = 64
+    """factgrass_sm: other training examples, in query form, on its target side (the
+    evaluation queries are never used)."""
+    mask_steps: int = 300
+    """factgrass_sm: Adam steps of each layer's mask fit (``grass-llm fit-mask``'s default)."""
+    mask_lr: float = 0.01
+    """factgrass_sm: the fit's learning rate (fit-mask's default)."""
+    mask_l1: float = 0.01
+    """factgrass_sm: the fit's sparsity penalty (fit-mask's default)."""
 
     def __post_init__(self):
         if self.n_subsets < 3:
@@ -287,6 +302,9 @@ class LDSConfig:
             raise ValueError(f"damping must be > 0, got {self.damping}")
         if self.capture_batch < 1:
             raise ValueError(f"capture_batch must be >= 1, got {self.capture_batch}")
+        if self.mask_train < 3 or self.mask_targets < 1 or self.mask_steps < 0:
+            raise ValueError(f"mask_train must be >= 3, mask_targets >= 1 and mask_steps >= 0, "
+                             f"got {self.mask_train}, {self.mask_targets}, {self.mask_steps}")
 
 
 @dataclass
@@ -327,8 +345,15 @@ def evaluate_method(cfg: LDSConfig, corpus: Corpus, ret: Retrained, method: str,
                           "numbers per layer (a p x p float64 Fisher)")
         return row
     kw = {"seed": cfg.capture_seed, "batch_size": cfg.capture_batch}
-    g_train = capture_grads(ret.model, plans, corpus.train_batch(), **kw)
-    g_query = capture_grads(ret.model, plans, corpus.query_batch(), **kw)
+    with tempfile.TemporaryDirectory() as tmp:
+        if method == "factgrass_sm":  # fit the masks; the plans then name the mask file
+            exact = plan_layers(ret.model, "exact", 0)
+            cal = calibration_batches(corpus, cfg.mask_train, cfg.mask_targets,
+                                      derive_seed(cfg.subset_seed, "mask") % 2**63)
+            row["mask"] = fit_masks(plans, *(capture_grads(ret.model, exact, b, **kw)
+                                             for b in cal), cfg, Path(tmp) / "mask.safetensors")
+        g_train = capture_grads(ret.model, plans, corpus.train_batch(), **kw)
+        g_query = capture_grads(ret.model, plans, corpus.query_batch(), **kw)
     score = lds(influence_scores(g_train, g_query, damping=cfg.damping), ret.masks_MN,
                 ret.losses_MQ)
     row.update(lds=score.lds, se=score.se, n_valid=score.n_valid, per_query=score.per_query,

@@ -30,6 +30,7 @@ import torch
 
 from grass_llm.capture import GradientCapture
 from grass_llm.capture.hooks import TOKEN_MODES
+from grass_llm.compress import parse_spec
 from grass_llm.data import (
     IGNORE_INDEX,
     Example,
@@ -68,6 +69,12 @@ def check_same_maps(store: GradientStore, layers: dict[str, tuple[str, int, int]
                          f"extra {extra})")
     for name, got in layers.items():
         if got != want[name]:
+            masks = [parse_spec(s)[1].get("mask_sha256") for s in (got[0], want[name][0])]
+            if masks[0] != masks[1]:  # a learned mask's file changed (or is missing)
+                g, w = (f"the mask file with SHA-256 {m[:12]}..." if m else "a random mask"
+                        for m in masks)
+                raise StoreError(f"{what}: layer {name} uses {g} but {store.url} was built "
+                                 f"with {w}; query with the store's mask file")
             raise StoreError(f"{what}: layer {name} uses compressor {got[0]!r} seed {got[1]} "
                              f"but {store.url} was built with {want[name][0]!r} seed "
                              f"{want[name][1]}; query with the store's own configuration")

@@ -2,10 +2,12 @@
 
 Dispatch per call: the CUDA extension for CUDA tensors, the CPU extension (C++/OpenMP) for CPU
 tensors, else ``reference`` (see ``build`` for the ``GRASS_LLM_KERNELS`` switch and the build
-cache). ``reference`` is the spec; tests compare every backend against it.
+cache). ``reference`` is the spec; tests compare every backend against it. ``tables`` checks
+the index tables once each, so no kernel reads out of bounds.
 """
 
+from grass_llm.kernels import tables
 from grass_llm.kernels.build import extension, info, mode
 from grass_llm.kernels.ops import backend_name, factgrass, sjlt, sjlt_t
 
-__all__ = ["backend_name", "extension", "factgrass", "info", "mode", "sjlt", "sjlt_t"]
+__all__ = ["backend_name", "extension", "factgrass", "info", "mode", "sjlt", "sjlt_t", "tables"]

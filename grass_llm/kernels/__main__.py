@@ -1,4 +1,11 @@
-"""``python -m grass_llm.kernels build|info``: build the extension ahead of time, or report."""
+"""``python -m grass_llm.kernels build|info|flags``.
+
+- ``build [-v]``: build the extension ahead of time (with its CUDA kernels where a GPU is seen).
+- ``info``: what the dispatcher will use (JSON).
+- ``flags [nvcc|cxx]``: the flags, one per line, that the JIT build of the CUDA+CPU extension
+  compiles ``.cu`` (``nvcc``, the default) or ``.cpp`` (``cxx``) files with; the compile check
+  (tools/check_cuda_build.sh) uses exactly these. Without a GPU the targets are the defaults.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,8 @@ import json
 import sys
 
 from grass_llm.kernels import build
+
+USAGE = "usage: python -m grass_llm.kernels [build [-v] | info | flags [nvcc|cxx]]"
 
 
 def main(argv: list[str]) -> int:
@@ -17,7 +26,14 @@ def main(argv: list[str]) -> int:
     if cmd == "info":
         print(json.dumps(build.info(), indent=2))
         return 0
-    print("usage: python -m grass_llm.kernels [build [-v] | info]", file=sys.stderr)
+    if cmd == "flags" and len(argv) <= 2:
+        try:
+            print("\n".join(build.compiler_flags(argv[1] if len(argv) > 1 else "nvcc")))
+        except ValueError as err:
+            print(f"{err}\n{USAGE}", file=sys.stderr)
+            return 2
+        return 0
+    print(USAGE, file=sys.stderr)
     return 2
 
 

@@ -2,8 +2,15 @@
 
 Each op is a ``torch.library.custom_op`` with a ``register_fake`` (so it traces under
 ``torch.compile`` and meta tensors). Its implementation checks the inputs (the same checks
-whichever backend runs, raising ValueError), then calls the extension when it is loaded and
-built for the tensor's device, and ``reference`` otherwise. Shapes: see ``reference``.
+whichever backend runs, raising ValueError): shapes, dtypes and devices on every call, and the
+index ranges of the tables against the call's sizes through ``tables`` (measured once per
+table, then cached), so no kernel ever reads out of bounds. It then calls the extension when it
+is loaded and built for the tensor's device, and ``reference`` otherwise.
+
+A kernel that fails to *launch* (a GPU the build has no code for: "no kernel image is
+available", an unsupported PTX version, too many resources) falls back to ``reference`` with one
+warning in ``auto`` mode, and the device is not tried again in this process;
+``GRASS_LLM_KERNELS=extension`` raises instead. Shapes: see ``reference``.
 """
 
 from __future__ import annotations
@@ -13,16 +20,23 @@ import warnings
 import torch
 from torch import Tensor
 
-from grass_llm.kernels import build, reference
+from grass_llm.kernels import build, reference, tables
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _warned_devices: set[str] = set()
+# What a launch failure says (c10's CUDA error text): the kernel never ran, the context is fine.
+LAUNCH_ERRORS = ("no kernel image is available", "invalid device function",
+                 "unsupported PTX version", "PTX was compiled with an unsupported toolchain",
+                 "device kernel image is invalid", "too many resources requested",
+                 "invalid configuration argument", "named symbol not found")
 
 
 def _backend(t: Tensor):
     """The extension if it can run on ``t``'s device, else None (the reference)."""
     ext = build.extension()
     if ext is None or t.device.type not in ("cpu", "cuda"):
+        return None
+    if str(t.device) in build.launch_failures():
         return None
     if t.is_cuda and not ext.with_cuda:
         if "cuda" not in _warned_devices:
@@ -32,6 +46,26 @@ def _backend(t: Tensor):
                           RuntimeWarning, stacklevel=3)
         return None
     return ext
+
+
+def _run(kernel, fallback, device: torch.device):
+    """``kernel()``; on a launch failure, warn once, stop using the extension on ``device`` and
+    return ``fallback()`` (``auto`` mode) or raise (``extension`` mode)."""
+    try:
+        return kernel()
+    except RuntimeError as exc:
+        text = str(exc)
+        if not any(m in text for m in LAUNCH_ERRORS):
+            raise
+        if build.mode() == "extension":
+            raise RuntimeError(f"GRASS_LLM_KERNELS=extension but the grass_llm kernels failed "
+                               f"to launch on {device}: {text.strip()[:500]}") from exc
+        build.record_launch_failure(device, text)
+        warnings.warn(f"grass_llm: the fused kernels could not launch on {device}, using the "
+                      f"pure-torch reference there instead ({text.strip()[:300]}); "
+                      "`python -m grass_llm.kernels info` shows the build's GPU targets",
+                      RuntimeWarning, stacklevel=4)
+        return fallback()
 
 
 def backend_name(t: Tensor) -> str:
@@ -50,20 +84,24 @@ def _check_data(t: Tensor, name: str, dim: int) -> None:
 
 
 def _check_index(t: Tensor, name: str, dim: int, like: Tensor) -> None:
-    if t.dtype != torch.int64 or t.dim() != dim:
-        raise ValueError(f"{name} must be a {dim}-D int64 tensor, got {t.dtype} "
+    if t.dtype != torch.int64 or t.dim() != dim or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {dim}-D int64 tensor, got {t.dtype} "
                          f"{list(t.shape)}")
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but the data is on {like.device}")
 
 
-def _check_csr(indptr: Tensor, src: Tensor, sgn: Tensor, like: Tensor) -> None:
+def _check_csr(indptr: Tensor, src: Tensor, sgn: Tensor, like: Tensor, width: int,
+               what: str) -> None:
     _check_index(indptr, "indptr", 1, like)
     _check_index(src, "src", 1, like)
     if sgn.dtype != torch.float32 or sgn.shape != src.shape:
         raise ValueError("sgn must be float32 with the shape of src")
+    if sgn.device != like.device:
+        raise ValueError(f"sgn is on {sgn.device} but the data is on {like.device}")
     if indptr.numel() < 2:
         raise ValueError("indptr must have K+1 >= 2 entries")
+    tables.check_csr(indptr, src, width, what)
 
 
 @torch.library.custom_op("grass_llm::factgrass", mutates_args=())
@@ -84,13 +122,23 @@ def factgrass(x: Tensor, delta: Tensor, idx_in: Tensor, idx_out: Tensor, indptr:
         raise ValueError(f"delta is on {delta.device} but x is on {x.device}")
     _check_index(idx_in, "idx_in", 1, x)
     _check_index(idx_out, "idx_out", 1, x)
-    _check_csr(indptr, src, sgn, x)
-    ext = _backend(x)
-    if ext is None:
+    if idx_in.numel() == 0 or idx_out.numel() == 0:
+        raise ValueError("idx_in and idx_out must be non-empty")
+    I, O = x.shape[2], delta.shape[2]
+    tables.check_range(idx_in, "idx_in", I + 1, f"columns of x, {I} meaning the bias")
+    tables.check_range(idx_out, "idx_out", O, "columns of delta")
+    _check_csr(indptr, src, sgn, x, idx_in.numel() * idx_out.numel(), "positions of the "
+               "masked k_out x k_in outer product")
+
+    def slow():
         return reference.factgrass(x, delta, idx_in, idx_out, indptr, src, sgn, scale,
                                    per_token)
-    return ext.factgrass(x.contiguous(), delta.contiguous(), idx_in, idx_out, indptr, src, sgn,
-                         scale, per_token)
+
+    ext = _backend(x)
+    if ext is None:
+        return slow()
+    return _run(lambda: ext.factgrass(x.contiguous(), delta.contiguous(), idx_in, idx_out,
+                                      indptr, src, sgn, scale, per_token), slow, x.device)
 
 
 @factgrass.register_fake
@@ -104,11 +152,15 @@ def _(x, delta, idx_in, idx_out, indptr, src, sgn, scale, per_token):
 def sjlt(g: Tensor, indptr: Tensor, src: Tensor, sgn: Tensor, scale: float) -> Tensor:
     """SJLT of a batch of vectors ``[B, P] -> [B, K]``."""
     _check_data(g, "g", 2)
-    _check_csr(indptr, src, sgn, g)
+    _check_csr(indptr, src, sgn, g, g.shape[1], "coordinates of g")
+
+    def slow():
+        return reference.sjlt(g, indptr, src, sgn, scale)
+
     ext = _backend(g)
     if ext is None:
-        return reference.sjlt(g, indptr, src, sgn, scale)
-    return ext.sjlt(g.contiguous(), indptr, src, sgn, scale)
+        return slow()
+    return _run(lambda: ext.sjlt(g.contiguous(), indptr, src, sgn, scale), slow, g.device)
 
 
 @sjlt.register_fake
@@ -123,10 +175,19 @@ def sjlt_t(y: Tensor, rows: Tensor, signs: Tensor, scale: float) -> Tensor:
     _check_index(rows, "rows", 2, y)
     if signs.dtype != torch.float32 or signs.shape != rows.shape:
         raise ValueError("signs must be float32 with the shape of rows [C, P]")
+    if signs.device != y.device:
+        raise ValueError(f"signs is on {signs.device} but y is on {y.device}")
+    if rows.shape[0] == 0:
+        raise ValueError("rows must have C >= 1 rows (nonzeros per coordinate)")
+    tables.check_range(rows, "rows", y.shape[1], "outputs of the SJLT, columns of y")
+
+    def slow():
+        return reference.sjlt_t(y, rows, signs, scale)
+
     ext = _backend(y)
     if ext is None:
-        return reference.sjlt_t(y, rows, signs, scale)
-    return ext.sjlt_t(y.contiguous(), rows, signs, scale)
+        return slow()
+    return _run(lambda: ext.sjlt_t(y.contiguous(), rows, signs, scale), slow, y.device)
 
 
 @sjlt_t.register_fake

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -24,13 +26,51 @@ def hash_tensor(h: hashlib.blake2b, name: str, t: torch.Tensor) -> None:
     h.update(data.numpy().tobytes())
 
 
-def model_identity(model: nn.Module, name: str | None = None) -> dict:
+def model_identity(model: nn.Module, name: str | None = None, *,
+                   sources: Sequence[Path] | None = None, key: str = "") -> dict:
     """``{"name", "class", "config_hash", "weights_hash", "n_params"}`` of a (local) model.
 
     The weights hash covers every parameter and buffer's exact bytes, so two checkpoints that
     differ anywhere get different identities. For a sharded model, call it on the full weights
     (e.g. before sharding) — the runner does.
+
+    Hashing an 8B model's 16 GB takes tens of seconds, on every start and resume. With
+    ``sources`` (the files the weights were read from) the result is cached under
+    ``<cache root>/identity/``, keyed by each file's resolved path, size and modification time
+    plus ``key`` (what else shapes the loaded bytes: dtype, seed), so an unchanged checkpoint is
+    hashed once.
     """
+    cache = _identity_cache_file(sources, key) if sources else None
+    if cache is not None and cache.is_file():
+        try:
+            cached = json.loads(cache.read_text())
+            return {**cached, "name": name or cached.get("name", "")}
+        except (OSError, ValueError):
+            pass  # a damaged cache entry: hash again
+    ident = _model_identity(model, name)
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(ident))
+            tmp.replace(cache)  # atomic: readers never see half a file
+        except OSError:
+            pass  # a read-only cache only costs the hash next time
+    return ident
+
+
+def _identity_cache_file(sources: Sequence[Path], key: str) -> Path:
+    from grass_llm.models import cache_root
+
+    h = _digest()
+    h.update(key.encode())
+    for path in sorted(Path(p).resolve() for p in sources):
+        st = path.stat()
+        h.update(f"|{path}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return cache_root() / "identity" / f"{h.hexdigest()}.json"
+
+
+def _model_identity(model: nn.Module, name: str | None) -> dict:
     cfg = getattr(model, "config", None)
     cfg_dict = cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else {}
     for volatile in ("transformers_version", "_name_or_path", "torch_dtype", "dtype"):

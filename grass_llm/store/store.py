@@ -48,11 +48,37 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+# How ``store_identity`` is computed; a store written under another scheme cannot be resumed.
+IDENTITY_VERSION = 2
+
+
 def store_identity(layout: StoreLayout, meta: Mapping) -> str:
-    """Hash of everything that must match for a rerun to resume this store."""
-    ident = {"layout": layout.to_attrs(), "meta": meta, "version": grass_llm.__version__,
-             "token_counts": list(layout.token_counts) if layout.token_counts else None}
-    return hashlib.sha256(_canonical(ident).encode()).hexdigest()
+    """Hash of everything that must match for a rerun to resume this store: the layout and the
+    identity ``meta`` (what changes the numbers). Execution details (paths, batch budget,
+    sharding, code version) are session records, not part of it."""
+    h = hashlib.sha256()
+    h.update(_canonical({"layout": layout.to_attrs(), "meta": meta,
+                         "identity_version": IDENTITY_VERSION}).encode())
+    if layout.token_counts:  # millions of ints: hashed as bytes, not through JSON
+        h.update(np.asarray(layout.token_counts, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _session(execution: Mapping | None) -> dict:
+    return {"started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "grass_llm_version": grass_llm.__version__, **json.loads(_canonical(execution or {}))}
+
+
+def _merged(meta: Mapping, session: Mapping) -> dict:
+    """The identity meta with the latest session's execution details laid over it (one level
+    deep: ``config``, ``model``, ``dataset``... gain their execution keys)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in meta.items()}
+    for key, value in session.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key].update(value)
+        elif key not in out:
+            out[key] = value
+    return out
 
 
 def _exists(url: str) -> bool:
@@ -64,14 +90,19 @@ def _exists(url: str) -> bool:
 
 
 def create_store(url: str | os.PathLike, layout: StoreLayout, meta: Mapping, *,
-                 overwrite: bool = False) -> GradientStore:
+                 execution: Mapping | None = None, overwrite: bool = False) -> GradientStore:
     """Create a store (rank 0 only), or reopen it for resuming when it is the same run.
 
     Args:
         url: a local path or an fsspec URL (``memory://``, ``s3://`` where installed, ...).
         layout: shapes, chunking, dtype.
-        meta: the run's self-description (resolved config, model/tokenizer/dataset identity,
-            loss reduction...); JSON-serializable.
+        meta: the run's identity: everything that changes the numbers (resolved config fields,
+            model/tokenizer/dataset hashes, loss reduction...); JSON-serializable. A rerun
+            resumes only when layout and meta are equal.
+        execution: how this session runs (paths, batch budget, sharding...): appended to the
+            store's ``sessions`` on every create or resume, free to change between sessions.
+            ``store.meta`` shows the identity meta with the latest session's execution laid over
+            it (same keys, one level deep).
         overwrite: replace a store of a different run instead of raising.
 
     Raises:
@@ -80,10 +111,19 @@ def create_store(url: str | os.PathLike, layout: StoreLayout, meta: Mapping, *,
     url = str(url)
     meta = json.loads(_canonical(meta))  # what the store will hold, exactly
     ident = store_identity(layout, meta)
+    session = _session(execution)
     if _exists(url):
         existing = GradientStore(url, mode="r+")
         if existing.identity == ident:
-            return existing
+            sessions = list(existing.attrs.get("sessions", [])) + [session]
+            existing.group.attrs["sessions"] = sessions
+            return GradientStore(url, mode="r+")
+        if existing.attrs.get("identity_version") != IDENTITY_VERSION and not overwrite:
+            raise StoreMismatchError(
+                f"{url} was written by an older grass_llm (run identity scheme "
+                f"{existing.attrs.get('identity_version', 1)}, this one uses "
+                f"{IDENTITY_VERSION}), so it cannot be resumed; finish it with that version, "
+                "or pass --overwrite to replace it")
         if not overwrite:
             raise StoreMismatchError(
                 f"{url} holds a store of a different run ({_describe_diff(existing, layout, meta)})"
@@ -125,6 +165,7 @@ def create_store(url: str | os.PathLike, layout: StoreLayout, meta: Mapping, *,
         "grass_llm_version": grass_llm.__version__,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "layout": layout.to_attrs(), "meta": meta, "identity": ident,
+        "identity_version": IDENTITY_VERSION, "sessions": [session],
     })
     return GradientStore(url, mode="r+")
 
@@ -137,14 +178,23 @@ def _describe_diff(existing: GradientStore, layout: StoreLayout, meta: Mapping) 
             diffs.append(f"layout.{key}")
     old_meta = existing.attrs.get("meta", {})
     for key in sorted(set(old_meta) | set(meta)):
-        if _canonical(old_meta.get(key)) != _canonical(meta.get(key)):
+        old, new = old_meta.get(key), meta.get(key)
+        if _canonical(old) == _canonical(new):
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):  # name the field: meta.config.seed
+            diffs += [f"meta.{key}.{sub} ({_short(old.get(sub))} -> {_short(new.get(sub))})"
+                      for sub in sorted(set(old) | set(new))
+                      if _canonical(old.get(sub)) != _canonical(new.get(sub))][:5]
+        else:
             diffs.append(f"meta.{key}")
-    if existing.attrs.get("grass_llm_version") != grass_llm.__version__:
-        diffs.append(f"grass_llm version {existing.attrs.get('grass_llm_version')} -> "
-                     f"{grass_llm.__version__}")
     if not diffs:
         diffs.append("token counts")
     return "differs in " + ", ".join(diffs)
+
+
+def _short(value, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def open_store(url: str | os.PathLike, mode: str = "r") -> GradientStore:
@@ -175,7 +225,9 @@ class GradientStore:
             counts = tuple(int(v) for v in np.diff(self.group["token_offsets"][:]))
         self.layout = StoreLayout.from_attrs(self.attrs["layout"], counts)
         self.identity = self.attrs["identity"]
-        self.meta = self.attrs.get("meta", {})
+        self.sessions = list(self.attrs.get("sessions", []))
+        self.meta = _merged(self.attrs.get("meta", {}),
+                            self.sessions[-1] if self.sessions else {})
         self._local_root = _local_root(self.group)
         self._arrays: dict[str, zarr.Array] = {}
 

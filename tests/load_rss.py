@@ -1,0 +1,50 @@
+"""``torchrun ... -m tests.load_rss CONFIG_JSON MODE OUT_JSON``: load a model the way
+``grass-llm cache`` does under ``MODE`` (fsdp or deepspeed) and record, per rank, the host memory
+the load added at its peak and the model's size (for tests/test_scale.py)."""
+
+import json
+import resource
+import sys
+
+from tests import strict_dist
+
+strict_dist.install()
+
+import torch  # noqa: E402
+
+from grass_llm.config import RunConfig  # noqa: E402
+from grass_llm.parallel import comm, init_distributed  # noqa: E402
+from grass_llm.runner import _load, _shard  # noqa: E402
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def main(config_json: str, mode: str, out: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    info = init_distributed()
+    cfg = RunConfig(model=config_json, data="unused", out="unused", parallel=mode)
+    # The model's size from a meta copy; building it also imports the model's code, so the
+    # baseline below holds every import and what follows is the load alone.
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_json))
+    n_bytes = sum(p.numel() * p.element_size() for p in meta.parameters())
+    if mode == "deepspeed":
+        import deepspeed  # noqa: F401
+    before = _rss_now()
+    model, _, _ = _load(cfg, info)
+    setup = _shard(cfg, model, info)
+    del model
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    rows = comm.all_gather_object({"rank": info.rank, "grew": peak - before})
+    assert setup.module is not None
+    if comm.rank() == 0:
+        with open(out, "w") as f:
+            json.dump({"model_bytes": n_bytes, "ranks": rows}, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

@@ -13,6 +13,10 @@ from grass_llm.store import LayerInfo, StoreError, open_store, verify_store
 from tests.test_influence import LAYERS, random_store, raw
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU: the CUDA path runs where one is lent"))]
+
+
 def reference_factor(g: np.ndarray, damping: float, mode: str) -> tuple[np.ndarray, float]:
     """The definition, in plain numpy float64: chol(G^T G / n + lambda I), lambda."""
     fisher = g.T @ g / g.shape[0]
@@ -20,10 +24,17 @@ def reference_factor(g: np.ndarray, damping: float, mode: str) -> tuple[np.ndarr
     return np.linalg.cholesky(fisher + lam * np.eye(g.shape[1])), lam
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode,damping", [("relative", 0.1), ("absolute", 0.37)])
-def test_factors_equal_numpy_float64_gram_and_cholesky(tmp_path, mode, damping):
+def test_factors_equal_numpy_float64_gram_and_cholesky(tmp_path, mode, damping, device):
+    """On CUDA with precision auto: float64 on A100/H100/H200/B200, else float32 tiles (the
+    tolerance below then is that of test_float32_tile_path_matches_float64)."""
     store = random_store(tmp_path)  # 23 rows in chunks of 4: uneven last chunk
-    report = compute_fisher(store, damping=damping, mode=mode, device="cpu")
+    report = compute_fisher(store, damping=damping, mode=mode, device=device)
+    exact = store.group["fisher"][store.group["fisher"].attrs["current"]].attrs[
+        "gram_dtype"] == "float64"
+    if not exact:
+        pytest.skip("this GPU computes the Gram in float32 tiles: see the float32 test")
     factors = load_factors(open_store(store.url))
     gen = torch.Generator().manual_seed(3)
     q = {x.name: torch.randn(3, x.k, dtype=torch.float64, generator=gen) for x in LAYERS}

@@ -23,6 +23,8 @@ from grass_llm.influence.topk import HAVE_NUMBA
 from tests.test_influence import LAYERS, random_store, raw
 
 BACKENDS = ["torch"] + (["numba"] if HAVE_NUMBA else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU: the CUDA path runs where one is lent"))]
 
 
 def full_scores(store, pre):
@@ -114,7 +116,8 @@ def test_merged_rank_top_k_equals_one_pass():
     np.testing.assert_array_equal(vals, want[0])
 
 
-def test_one_pass_serves_every_request(fitted, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_pass_serves_every_request(fitted, device):
     gen = torch.Generator().manual_seed(7)
     factors = load_factors(fitted)
     pre_q = precondition(factors, {x.name: torch.randn(3, x.k, generator=gen) for x in LAYERS})
@@ -126,7 +129,7 @@ def test_one_pass_serves_every_request(fitted, tmp_path):
     fitted.read_raw = lambda *a: reads.append(a) or real(*a)
     res = score_store(fitted, {"q": ScoreRequest(pre_q, top_k=4, matrix_out=matrix),
                                "tok": ScoreRequest(pre_t, top_k=2),
-                               "value": ScoreRequest(pre_v, keep_all=True)}, device="cpu")
+                               "value": ScoreRequest(pre_v, keep_all=True)}, device=device)
     # one read per (chunk, layer): the three query sets share the pass
     assert sorted(reads) == sorted((x.name, *fitted.layout.chunk_range(c))
                                    for c in range(fitted.layout.n_chunks) for x in LAYERS)
@@ -138,27 +141,30 @@ def test_one_pass_serves_every_request(fitted, tmp_path):
     assert_scores_close(res["value"].scores, full_scores(fitted, pre_v))
 
 
-def test_self_influence_and_valuation_match_the_full_matrix(fitted):
+@pytest.mark.parametrize("device", DEVICES)
+def test_self_influence_and_valuation_match_the_full_matrix(fitted, device):
     q = from_store(fitted, fitted)  # every training row as a query
     pre = precondition(load_factors(fitted), q.grads)
     full = full_scores(fitted, pre)
     # float64 throughout (triangular solves of float32 rows): round-off only
-    np.testing.assert_allclose(self_influence(fitted, device="cpu"), np.diag(full), rtol=1e-9)
+    np.testing.assert_allclose(self_influence(fitted, device=device), np.diag(full), rtol=1e-9)
     targets = {k: v[[2, 5, 11]] for k, v in q.grads.items()}
-    assert_scores_close(valuation(fitted, targets, device="cpu"), full[[2, 5, 11]].sum(0))
+    assert_scores_close(valuation(fitted, targets, device=device), full[[2, 5, 11]].sum(0))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_read_ahead_yields_every_chunk_in_order_exactly_decoded(tmp_path, dtype):
+def test_read_ahead_yields_every_chunk_in_order_exactly_decoded(tmp_path, dtype, device):
     store = random_store(tmp_path, n=29, chunk_rows=5, dtype=dtype)
     jobs = chunk_jobs(store, [4, 0, 5, 2], store.layer_names)
     seen = []
-    for job, rows in read_ahead(store, jobs, device=torch.device("cpu"), depth=3):
+    for job, rows in read_ahead(store, jobs, device=torch.device(device), depth=3):
         seen.append(job.c)
         for name, t in rows.items():
-            assert t.dtype == torch.float32
+            assert t.dtype == torch.float32 and t.device.type == device
             # decoding is exact (every storage dtype fits float32): the store's own decoder
-            np.testing.assert_array_equal(t.numpy(), store.read_rows(name, job.start, job.stop))
+            np.testing.assert_array_equal(t.cpu().numpy(),
+                                          store.read_rows(name, job.start, job.stop))
     assert seen == [4, 0, 5, 2]
 
 

@@ -8,7 +8,7 @@ fit every layer; reported per block: seconds of each path, their ratio, the larg
 difference of the factors, and each path's condition number of the first block (the former
 one is a loose lower bound above k = 1024), and how long the new condition estimate takes on
 its own. Timings are single runs; prints one markdown table.
-Usage: python tools/bench_fisher.py [--rows 4096] [--ks 1024 4096] [--device cuda]
+Usage: python tools/bench_fisher.py [--rows 4096] [--ks 1024 4096] [--device cuda] [--exact]
 """
 
 from __future__ import annotations
@@ -74,13 +74,15 @@ def main() -> None:
     ap.add_argument("--ks", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--chunk-rows", type=int, default=1024)
     ap.add_argument("--device", default="cpu", help="device of the new path: cpu or cuda")
+    ap.add_argument("--exact", action="store_true",
+                    help="also the exact condition number of the first block (eigvalsh)")
     args = ap.parse_args()
     print(f"{args.rows} rows, {args.layers} layer(s) per k, float16 store; torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; new path on {args.device}")
     print("\n| k | former s/block (CPU fp64) | new s/block | former / new | new: of which "
           "condition estimate, s | max rel. diff of factors | condition, former | condition, "
-          "new (± rel. error) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "new (± rel. error) |" + (" condition, exact |" if args.exact else ""))
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.exact else ""))
     for k in args.ks:
         with tempfile.TemporaryDirectory() as tmp:
             store = build(str(Path(tmp) / f"k{k}.zarr"), args.rows, args.layers, k,
@@ -103,9 +105,13 @@ def main() -> None:
             t0 = time.perf_counter()
             condition_number(L @ L.T, L, floor=r["lambda"])
             t_cond = time.perf_counter() - t0
+            exact = ""
+            if args.exact:
+                eig = torch.linalg.eigvalsh(L @ L.T)
+                exact = f" {float(eig[-1] / eig[0]):.6g} |"
             print(f"| {k} | {t_old:,.2f} | {t_new:,.2f} | {t_old / t_new:.2f} | {t_cond:,.2f} | "
-                  f"{diff:.1e} | {old_cond[first]:.4g} | {r['condition']:.4g} "
-                  f"(± {r['condition_rel_error']:.0e}) |")
+                  f"{diff:.1e} | {old_cond[first]:.6g} | {r['condition']:.6g} "
+                  f"(± {r['condition_rel_error']:.0e}) |{exact}")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,15 @@ Typical use::
     tokenized = tokenize_records(result.records, tokenizer, max_length=1024)
     batches = token_budget_batches([len(e.input_ids) for e in tokenized.examples], 16384)
     batch = collate([tokenized.examples[i] for i in batches[0]], tokenizer.pad_token_id)
+
+or, tokenized once on every core, cached and memory-mapped (the same examples)::
+
+    corpus = TokenizedCorpus.open_or_build("train.jsonl", tokenizer, max_length=1024)
+    corpus.example(i), corpus.lengths, corpus.n_targets, corpus.fingerprint
 """
 
 from grass_llm.data.batching import PAD_SIDES, collate, token_budget_batches
+from grass_llm.data.corpus import TokenizedCorpus
 from grass_llm.data.readers import FORMATS, ReadResult, detect_format, read_records
 from grass_llm.data.records import ON_ERROR_POLICIES, DataError, Record, Skipped
 from grass_llm.data.tokenize import (
@@ -31,6 +37,7 @@ __all__ = [
     "Record",
     "Skipped",
     "TokenizeResult",
+    "TokenizedCorpus",
     "collate",
     "detect_format",
     "read_records",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from grass_llm.data.tokenize import IGNORE_INDEX, Example
+
+if TYPE_CHECKING:  # torch is imported where it is used: the corpus's tokenizing workers
+    import torch   # import grass_llm.data and need no torch (~200 MB per process)
 
 PAD_SIDES = ("right", "left")
 
@@ -73,6 +75,8 @@ def collate(examples: list[Example], pad_id: int, side: str = "right") -> dict[s
         ValueError: No examples, an unknown side, or an example whose labels and ids differ in
             length.
     """
+    import torch
+
     if not examples:
         raise ValueError("collate needs at least one example")
     if side not in PAD_SIDES:

@@ -15,10 +15,11 @@ from types import ModuleType
 
 from grass_llm.data._textio import (
     TEXTDIR_SUFFIXES,
-    read_json,
-    read_jsonl,
-    read_text_dir,
-    read_text_lines,
+    json_values,
+    line_blocks,
+    parse_lines,
+    parse_textdir,
+    textdir_entries,
 )
 from grass_llm.data.records import (
     DataError,
@@ -38,6 +39,10 @@ _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _DIR_FORMATS = ("textdir", "hf")
 _BATCH_ROWS = 1024  # rows converted to Python per Arrow batch: bounds memory on big tables
+# A chunk (the unit handed to a tokenizing worker) holds about this many records (JSON values,
+# files, table rows) or bytes of lines (JSON Lines, text).
+CHUNK_RECORDS = 1024
+CHUNK_BYTES = 256 << 10
 
 
 @dataclass
@@ -76,6 +81,23 @@ def read_records(path: str | os.PathLike, *, format: str = "auto", on_error: str
         ValueError: ``format`` or ``on_error`` is not a known value.
     """
     check_on_error(on_error)
+    fmt = resolve_format(path, format, split)
+    collector = RecordCollector(on_error)
+    for chunk in iter_chunks(Path(path), fmt, split):
+        for event in parse_chunk(chunk):
+            collector.apply(event)
+    return ReadResult(collector.records, collector.reporter.skipped)
+
+
+def resolve_format(path: str | os.PathLike, format: str = "auto",
+                   split: str | None = None) -> str:
+    """The format of an existing corpus, after checking ``path``, ``format`` and ``split``.
+
+    Raises:
+        DataError: The path is missing, of an unknown format, or a file where a directory is
+            needed (or the reverse).
+        ValueError: ``format`` is unknown, or ``split`` is given for a format other than "hf".
+    """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     path = Path(path)
@@ -89,16 +111,108 @@ def read_records(path: str | os.PathLike, *, format: str = "auto", on_error: str
                         "Pass the matching path or format='auto'")
     if split is not None and fmt != "hf":
         raise ValueError(f"split={split!r} only applies to format 'hf', not {fmt!r} ({path})")
-    collector = RecordCollector(on_error)
-    if fmt == "parquet":
-        _read_parquet(path, collector)
-    elif fmt == "hf":
-        _read_hf(path, split, collector)
+    return fmt
+
+
+def iter_chunks(path: Path, fmt: str, split: str | None = None, *,
+                max_records: int = CHUNK_RECORDS, max_bytes: int = CHUNK_BYTES):
+    """The raw material of a corpus, in file order, in chunks that ``parse_chunk`` turns into
+    events: what must run in order (reading the files; parsing a JSON file, which is one
+    document) here, the rest (splitting and decoding lines, parsing JSON Lines, reading the
+    files of a directory, converting table rows) in ``parse_chunk``, which may run in another
+    process.
+
+    A chunk is ``(kind, info, entries)``: about ``max_bytes`` of whole lines of a JSON Lines or
+    text file, or up to ``max_records`` records of the other formats. An error met while
+    reading (say an ``OSError`` mid-file) comes as a final chunk ``("raise", None, error)``
+    after the records read before it, so whoever applies the chunks in order raises it where
+    ``read_records`` would.
+
+    Raises:
+        DataError: Problems with the corpus as a whole, before the first chunk (see
+            ``read_records``), or as its first chunk.
+    """
+    if fmt in ("jsonl", "text"):
+        blocks = line_blocks(path, max_bytes)
+        yield from _guarded(("lines", (str(path), fmt, start), block) for start, block in blocks)
+        return
+    if fmt in ("parquet", "hf"):
+        label, batches = _arrow_source(path, fmt, split)
+        yield from _guarded(_arrow_chunks(label, batches, max_records))
+        return
+    entries = json_values(path) if fmt == "json" else textdir_entries(path)
+    kind, info = ("values", None) if fmt == "json" else ("files", str(path))
+    yield from _guarded((kind, info, chunk) for chunk in _batched(entries, max_records))
+
+
+def _batched(items, n: int):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _guarded(chunks):
+    """``chunks``, then an error met while making them as a last chunk ``("raise", None,
+    error)``."""
+    try:
+        yield from chunks
+    except Exception as err:  # noqa: BLE001 - raised in order, after the records before it
+        yield "raise", None, err
+
+
+def _arrow_chunks(label: str, batches, max_records: int):
+    """Chunks ``("arrow", (label, first row index), [record batches])`` of an Arrow source."""
+    start = 0
+    for chunk in _batched_rows(batches, max_records):
+        yield "arrow", (label, start), chunk
+        start += sum(batch.num_rows for batch in chunk)
+
+
+def _batched_rows(batches, n: int):
+    chunk, rows = [], 0
+    for batch in batches:
+        chunk.append(batch)
+        rows += batch.num_rows
+        if rows >= n:
+            yield chunk
+            chunk, rows = [], 0
+    if chunk:
+        yield chunk
+
+
+def parse_chunk(chunk):
+    """The events of one chunk of ``iter_chunks``, in order.
+
+    Events are tuples: ``("add", index, value, location, record_id or None)`` (a parsed value
+    to check and add as a record), ``("problem", location, reason, record_id or None)`` (a bad
+    record: raised or skipped by policy) and ``("note", Skipped)`` (left out under either
+    policy). See ``RecordCollector.apply``.
+
+    Raises:
+        Exception: The error of a ``"raise"`` chunk, or one met while reading (``OSError``).
+    """
+    kind, info, entries = chunk
+    if kind == "lines":
+        yield from parse_lines(*info, entries)
+    elif kind == "values":
+        for index, value, location in entries:
+            yield "add", index, value, location, None
+    elif kind == "files":
+        yield from parse_textdir(info, entries)
+    elif kind == "arrow":
+        label, index = info
+        for batch in entries:
+            for row in batch.to_pylist():
+                yield "add", index, row, f"{label}:row {index}", None
+                index += 1
     else:
-        reader = {"jsonl": read_jsonl, "json": read_json, "text": read_text_lines,
-                  "textdir": read_text_dir}[fmt]
-        reader(path, collector)
-    return ReadResult(collector.records, collector.reporter.skipped)
+        assert kind == "raise", kind
+        raise entries
 
 
 def detect_format(path: Path) -> str:
@@ -129,26 +243,17 @@ def _require(module: str, package: str, path: Path) -> ModuleType:
                         f"Install it: pip install {package}") from None
 
 
-def _add_rows(batches, label: str, collector: RecordCollector) -> None:
-    """Adds every row of an iterable of Arrow record batches or tables, as ``label:row <i>``."""
-    index = 0
-    for batch in batches:
-        for row in batch.to_pylist():
-            collector.add(index, row, f"{label}:row {index}")
-            index += 1
-
-
-def _read_parquet(path: Path, collector: RecordCollector) -> None:
-    pq = _require("pyarrow.parquet", "pyarrow", path)
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
-        raise DataError(str(path), f"not a readable Parquet file ({err})",
-                        "Check that the file is complete and really Parquet") from err
-    _add_rows(parquet.iter_batches(batch_size=_BATCH_ROWS), str(path), collector)
-
-
-def _read_hf(path: Path, split: str | None, collector: RecordCollector) -> None:
+def _arrow_source(path: Path, fmt: str, split: str | None):
+    """``(location label, iterable of Arrow record batches)`` of a Parquet file or a saved
+    Hugging Face dataset."""
+    if fmt == "parquet":
+        pq = _require("pyarrow.parquet", "pyarrow", path)
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+            raise DataError(str(path), f"not a readable Parquet file ({err})",
+                            "Check that the file is complete and really Parquet") from err
+        return str(path), parquet.iter_batches(batch_size=_BATCH_ROWS)
     datasets = _require("datasets", "datasets", path)
     try:
         loaded = datasets.load_from_disk(str(path))
@@ -165,7 +270,8 @@ def _read_hf(path: Path, split: str | None, collector: RecordCollector) -> None:
     elif split is not None:
         raise DataError(str(path), f"split={split!r} given, but this is a single Dataset "
                                    "without splits", "Leave split unset")
-    _add_rows(loaded.with_format("arrow").iter(batch_size=_BATCH_ROWS), label, collector)
+    return label, loaded.with_format("arrow").iter(batch_size=_BATCH_ROWS)
 
 
-__all__ = ["FORMATS", "TEXTDIR_SUFFIXES", "ReadResult", "detect_format", "read_records"]
+__all__ = ["FORMATS", "TEXTDIR_SUFFIXES", "ReadResult", "detect_format", "iter_chunks",
+           "parse_chunk", "read_records", "resolve_format"]

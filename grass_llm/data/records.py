@@ -29,11 +29,17 @@ class DataError(ValueError):
                  record_id: str | None = None):
         self.location = location
         self.reason = reason
+        self.hint = hint
         self.record_id = record_id
         message = f"{location}: {reason}"
         if hint:
             message += f". {hint}"
         super().__init__(message)
+
+    def __reduce__(self):
+        # Rebuilt from its fields, not from ``args`` (the message): it crosses process
+        # boundaries when the corpus is tokenized by a pool of workers.
+        return type(self), (self.location, self.reason, self.hint, self.record_id)
 
 
 @dataclass
@@ -98,6 +104,46 @@ class Reporter:
         self.skipped.append(Skipped(record_id, location, reason))
 
 
+class RecordProblem(Exception):
+    """A record-level problem found by ``record_id_of``: ``location``, ``reason``, ``record_id``."""
+
+    def __init__(self, location: str, reason: str, record_id: str | None = None):
+        super().__init__(location, reason, record_id)
+        self.location, self.reason, self.record_id = location, reason, record_id
+
+
+def record_id_of(index: int, value: Any, location: str, given: str | None = None) -> str:
+    """The id of one parsed value, after checking that it can be a record.
+
+    Args:
+        index: The 0-based position of the record in its file; the id when it has none.
+        value: The parsed value; must be a dict (a JSON object / table row).
+        location: Where the value is.
+        given: An id imposed by the reader (a file's relative path); else the value's ``id``
+            field (a string or an integer) or, when it is missing or null, ``index``.
+
+    Raises:
+        RecordProblem: The value is not an object, or its ``id`` field has a wrong type.
+    """
+    if not isinstance(value, dict):
+        raise RecordProblem(location, f"expected a JSON object, found {_json_type(value)}")
+    if given is not None:
+        return given
+    raw = value.get("id")
+    if raw is None:  # a null id (a table column with gaps) means "no id", like a missing one
+        return str(index)
+    # bool is an int subclass, but True/False as ids is almost surely a data bug.
+    if isinstance(raw, str) or (isinstance(raw, int) and not isinstance(raw, bool)):
+        return str(raw)
+    raise RecordProblem(location, f"field 'id' must be a string or an integer, "
+                                  f"found {_json_type(raw)}")
+
+
+def duplicate_reason(rid: str, first_location: str) -> str:
+    """The reason given for a record whose id an earlier record (at ``first_location``) has."""
+    return f"duplicate id {rid!r} (first used at {first_location})"
+
+
 class RecordCollector:
     """Builds the ``Record`` list of one file: checks each value, derives and de-duplicates ids.
 
@@ -114,41 +160,31 @@ class RecordCollector:
         """Raises or records one bad record (see ``Reporter.problem``)."""
         self.reporter.problem(location, reason, record_id)
 
+    def apply(self, event: tuple) -> None:
+        """Applies one event of ``grass_llm.data.readers.parse_chunk``."""
+        kind = event[0]
+        if kind == "add":
+            self.add(*event[1:])
+        elif kind == "problem":
+            self.problem(*event[1:])
+        else:
+            assert kind == "note", event
+            self.reporter.skipped.append(event[1])
+
     def add(self, index: int, value: Any, location: str, record_id: str | None = None) -> None:
-        """Adds one parsed value as a record, or reports why it cannot be one.
-
-        Args:
-            index: The 0-based position of the record in its file; the id when it has none.
-            value: The parsed value; must be a dict (a JSON object / table row).
-            location: Where the value is.
-            record_id: An id imposed by the reader (a file's relative path); else the value's
-                ``id`` field (a string or an integer) or, when it is missing or null, ``index``.
-        """
-        if not isinstance(value, dict):
-            self.problem(location, f"expected a JSON object, found {_json_type(value)}")
+        """Adds one parsed value as a record, or reports why it cannot be one (see the
+        ``record_id_of`` for the arguments)."""
+        try:
+            rid = record_id_of(index, value, location, record_id)
+        except RecordProblem as problem:
+            self.problem(problem.location, problem.reason, problem.record_id)
             return
-        if record_id is None:
-            record_id = self._id_of(index, value, location)
-            if record_id is None:
-                return
-        first = self._seen.get(record_id)
+        first = self._seen.get(rid)
         if first is not None:
-            self.problem(location, f"duplicate id {record_id!r} (first used at {first})",
-                         record_id)
+            self.problem(location, duplicate_reason(rid, first), rid)
             return
-        self._seen[record_id] = location
-        self.records.append(Record(record_id, value, location))
-
-    def _id_of(self, index: int, value: dict, location: str) -> str | None:
-        raw = value.get("id")
-        if raw is None:  # a null id (a table column with gaps) means "no id", like a missing one
-            return str(index)
-        # bool is an int subclass, but True/False as ids is almost surely a data bug.
-        if isinstance(raw, str) or (isinstance(raw, int) and not isinstance(raw, bool)):
-            return str(raw)
-        self.problem(location, f"field 'id' must be a string or an integer, "
-                               f"found {_json_type(raw)}")
-        return None
+        self._seen[rid] = location
+        self.records.append(Record(rid, value, location))
 
 
 def _json_type(value: Any) -> str:

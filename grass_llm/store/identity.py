@@ -12,6 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from grass_llm.data.identity import tokenizer_identity  # noqa: F401  (re-exported: its home is
+# the data package, whose corpus cache is keyed by it and must not import the store)
+
 
 def _digest() -> hashlib.blake2b:
     return hashlib.blake2b(digest_size=16)
@@ -86,17 +89,6 @@ def _model_identity(model: nn.Module, name: str | None) -> dict:
         "weights_hash": h.hexdigest(),
         "n_params": int(sum(p.numel() for p in model.parameters())),
     }
-
-
-def tokenizer_identity(tokenizer) -> dict:
-    """``{"name", "class", "vocab_hash", "vocab_size"}``: the vocabulary (token -> id) and the
-    special tokens, which is what decides the token ids a store's rows were computed from."""
-    vocab = tokenizer.get_vocab()
-    h = _digest()
-    h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
-    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
-    return {"name": getattr(tokenizer, "name_or_path", ""), "class": type(tokenizer).__name__,
-            "vocab_hash": h.hexdigest(), "vocab_size": len(vocab)}
 
 
 def dataset_fingerprint(examples: Iterable[tuple[str, Iterable[int], Iterable[int]]]) -> dict:

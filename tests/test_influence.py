@@ -19,6 +19,7 @@ from grass_llm.capture import GradientCapture
 from grass_llm.capture.loss import IGNORE
 from grass_llm.cli import app
 from grass_llm.data import Example
+from grass_llm.data.corpus import TokenizedCorpus
 from grass_llm.influence import (
     compute_fisher,
     from_file,
@@ -28,8 +29,8 @@ from grass_llm.influence import (
     query_gradients,
     stream_top_k,
 )
-from grass_llm.influence.texts import training_texts
-from grass_llm.models import tiny_model
+from grass_llm.influence.texts import row_ids, row_texts
+from grass_llm.models import load_model, tiny_model
 from grass_llm.store import LayerInfo, StoreError, StoreLayout, create_store, open_store
 from tests.test_cache import CONFIG, CORPUS, ROOT, _env, _free_port
 from tests.test_capture import make_examples, reference_vec_grads
@@ -207,10 +208,32 @@ def test_cli_query_scores_queries_and_tokens_in_one_pass(tiny_store, tmp_path):
     assert [e["index"] for e in lines[0]["tokens"][0]["top"]] == ti[0].tolist()
 
 
-def test_snippet_texts_are_only_those_asked_for(tiny_store):
+def test_snippets_from_the_corpus_file_are_only_the_rows_asked_for(tiny_store):
     store = open_store(tiny_store)
-    texts = training_texts(store, ["paris", "rome#0"])
-    assert set(texts) == {"paris", "rome"} and texts["paris"].startswith("The capital of")
+    ids = row_ids(store, [2, 0, 2, -1])  # duplicates and unfilled top-k slots are dropped
+    assert sorted(ids) == [0, 2]
+    texts = row_texts(store, ids)
+    assert sorted(texts) == [0, 2] and texts[0].startswith("The capital of France")
+
+
+def test_snippets_read_only_those_rows_from_the_tokenized_corpus(tiny_store, tmp_path,
+                                                                 monkeypatch):
+    store = open_store(tiny_store)
+    cfg = store.meta["config"]
+    _, tok, _ = load_model(cfg["model"], seed=cfg.get("seed", 0))
+    corpus = TokenizedCorpus.open_or_build(CORPUS, tok, max_length=cfg["max_length"],
+                                           cache_dir=tmp_path, num_proc=1, progress=False)
+    store.meta["dataset"]["corpus_path"] = str(corpus.path)  # what the cache job records
+
+    def no_corpus_file(*a, **k):
+        raise AssertionError("the corpus file was read")
+
+    monkeypatch.setattr("grass_llm.influence.texts.read_records", no_corpus_file)
+    ids = row_ids(store, [0, 5])
+    texts = row_texts(store, ids, tokenizer=tok)
+    assert texts == {0: corpus.text(0, tok), 5: corpus.text(5, tok)} and "Paris" in texts[0]
+    with pytest.raises(AssertionError, match="corpus file"):  # rows of another corpus: the
+        row_texts(store, {0: "not-this-id"}, tokenizer=tok)  # cache is not trusted
 
 
 def test_clear_errors(tiny_store, tmp_path):

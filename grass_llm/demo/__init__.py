@@ -24,7 +24,7 @@ from grass_llm.influence import (
     precondition,
     score_store,
 )
-from grass_llm.influence.texts import snippet, training_texts
+from grass_llm.influence.texts import row_texts, snippet
 from grass_llm.report import DocScore, QueryReport, TokenScore, render_report
 from grass_llm.runner import run_cache
 from grass_llm.store import open_store
@@ -51,7 +51,7 @@ def _token_reports(store, pre_tok, q, j, top_doc, tok_top, ids, texts) -> list[T
     tv, ti = tok_top
     out = []
     for r in range(a, b):
-        own = "; ".join(f"{ids[i]} ({v:.3g}): {snippet(texts, ids[i], 60)}"
+        own = "; ".join(f"{ids[i]} ({v:.3g}): {snippet(texts.get(int(i)), 60)}"
                         for v, i in zip(tv[r], ti[r]) if i >= 0)
         score = float(contrib[r - a])
         out.append(TokenScore(q.token_texts[r], score,
@@ -85,10 +85,10 @@ def run_demo(out_dir: str | Path = "grass-llm-demo", *, compressor: str = DEFAUL
     prompts = {r.id: r.fields.get("prompt", "") for r in read_records(str(QUERIES)).records}
     ids = [str(x) for x in store.example_ids()]
     shown = np.unique(np.concatenate([idx.ravel(), tok_top[1].ravel()]))
-    texts = training_texts(store, [ids[i] for i in shown if i >= 0])
+    texts = row_texts(store, {int(i): ids[i] for i in shown if i >= 0}, tokenizer=q.tokenizer)
     reports = []
     for j, qid in enumerate(q.ids):
-        top = [DocScore(r + 1, ids[i], float(v), snippet(texts, ids[i], 200))
+        top = [DocScore(r + 1, ids[i], float(v), snippet(texts.get(int(i)), 200))
                for r, (v, i) in enumerate(zip(vals[j], idx[j])) if i >= 0]
         tokens = _token_reports(store, pre_t, q, j, int(idx[j, 0]), tok_top, ids, texts)
         reports.append(QueryReport(qid, prompts.get(qid, ""), tokens, top))

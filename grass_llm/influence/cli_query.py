@@ -19,25 +19,17 @@ from grass_llm.influence.fisher import precondition
 from grass_llm.influence.query import QueryGrads, from_file, from_store
 from grass_llm.influence.reader import resolve_device
 from grass_llm.influence.score import ScoreRequest, score_store
-from grass_llm.influence.texts import snippet, training_texts
+from grass_llm.influence.texts import row_ids, row_texts, snippet
 from grass_llm.parallel import comm
 from grass_llm.store import GradientStore, open_store
 
-
-def row_ids(store: GradientStore, rows) -> dict[int, str]:
-    """Example ids of the given store rows only (not the whole id column)."""
-    uniq = np.unique(np.asarray(rows, dtype=np.int64).ravel())
-    uniq = uniq[uniq >= 0]
-    if uniq.size == 0:
-        return {}
-    ids = store.array("example_id").get_coordinate_selection(uniq)
-    return {int(r): str(i) for r, i in zip(uniq, ids)}
+__all__ = ["row_ids", "run_query", "write_ranked"]
 
 
 def _entries(vals, idx, ids, texts) -> list[dict]:
     return [{"rank": r + 1, "index": int(i), "id": ids[int(i)], "score": float(v),
-             "text": snippet(texts, ids[int(i)])}
-            for r, (v, i) in enumerate(zip(vals, idx)) if i >= 0]
+             "text": snippet(texts.get(int(i)))}
+            for r, (v, i) in enumerate(zip(vals, idx, strict=True)) if i >= 0]
 
 
 def _split(pre: dict[str, torch.Tensor], n_queries: int):
@@ -86,7 +78,7 @@ def run_query(console, store_url: str, *, queries: str | None, query_store: str 
     tok = res.get("tokens")
     every = [idx] if tok is None else [idx, tok.indices]
     ids = row_ids(store, np.concatenate([a.ravel() for a in every]))
-    texts = training_texts(store, ids.values())  # only the texts of the reported rows
+    texts = row_texts(store, ids, tokenizer=q.tokenizer)  # only the reported rows' texts
     _write(q, res, ids, texts, out)
     _show(console, q, vals, idx, ids, texts, out)
 
@@ -116,7 +108,7 @@ def _show(console, q, vals, idx, ids, texts, out) -> None:
                 continue
             i = int(idx[j, r])
             table.add_row(qid if r == 0 else "", str(r + 1), ids[i], f"{vals[j, r]:.4g}",
-                          snippet(texts, ids[i], 60) or "")
+                          snippet(texts.get(i), 60) or "")
     console.print(table)
 
 
@@ -133,12 +125,12 @@ def write_ranked(console, store: GradientStore, scores: np.ndarray, out: str, *,
             f.write(json.dumps(line) + "\n")
     if show > 0:
         top = order[:show]
-        texts = training_texts(store, [ids[i] for i in top])
+        texts = row_texts(store, {int(i): ids[i] for i in top})
         table = Table(title=title)
         for col in ("rank", "id", key.replace("_", "-"), "text"):
             table.add_column(col)
         for r, i in enumerate(top):
             table.add_row(str(r + 1), ids[i], f"{scores[i]:.4g}",
-                          snippet(texts, ids[i], 80) or "")
+                          snippet(texts.get(int(i)), 80) or "")
         console.print(table)
     return order

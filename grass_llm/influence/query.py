@@ -57,6 +57,7 @@ class QueryGrads:
     positions: np.ndarray | None = None  # [N] label position (loss) / input position (position)
     token_texts: list[str] | None = None  # [N] the decoded token of each row
     token_mode: str | None = None
+    tokenizer: object = None  # the store's tokenizer, when the model computed the rows
 
 
 def check_same_maps(store: GradientStore, layers: dict[str, tuple[str, int, int]], what: str):
@@ -138,6 +139,7 @@ def from_file(store: GradientStore, path: str, *, per_token: bool = False,
     q = query_gradients(model.to(dev), cfg["compressor"], examples, pad, capture=capture,
                         token_mode=token_mode if per_token else None,
                         max_tokens=max_tokens or cfg.get("max_tokens", 8192), device=dev)
+    q.tokenizer = tok
     if per_token:
         q.token_texts = [tok.decode([ex.input_ids[int(p)]]) for j, ex in enumerate(examples)
                          for p in q.positions[q.offsets[j]: q.offsets[j + 1]]]

@@ -1,21 +1,31 @@
-"""Scoring and Fisher throughput over a store, against the machine's own limits, in one run.
+"""Scoring throughput over a store against the raw read rate of the same run, and peak memory
+against store size.
 
 1. Builds a synthetic store (random float16 rows; --rows x --layers x --k).
-2. Raw read rate: reading every chunk file of the store's gradient arrays, sequentially.
-3. Zarr decode rate: the same rows through Zarr (zstd + CRC32C check), no arithmetic.
-4. Scoring: `stream_top_k` (top-10) for 1 and 16 queries, with the torch and the fused Numba
-   float16 scoring backends; reported as store bytes/s and as a fraction of the raw read rate.
-5. Top-k merge: the Numba kernel against the torch path on the same score chunks.
-6. Fisher: `accumulate_gram` over all rows (float64), against the float64 GEMM rate of the same
-   shapes on data already in memory.
+2. Raw read rate: every chunk file of the gradient arrays read sequentially (bytes only).
+3. Zarr decode rate: the same rows through Zarr (CRC32C check), no arithmetic.
+4. Scoring (`score_store`, top-10): --queries example-level rows alone; the same plus --tokens
+   per-token rows in one pass; the same two sets in two passes (what `query --per-token` did
+   before); each on 1 process and on 2 (torchrun, gloo on CPU). Reported as store MiB/s and
+   as a fraction of the raw read rate.
+5. Peak RSS of a scoring process (example + per-token rows) for stores of 1x, 2x and 4x
+   --rows, measured from just before the pass (Linux: VmHWM reset through clear_refs): flat
+   when memory does not grow with the store.
 
-Every figure is the median of --repeats runs. Usage: python tools/bench_query.py [--rows 8192]
+Every timing is the median of --repeats runs. Prints markdown tables.
+Usage: python tools/bench_query.py [--rows 8192] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,21 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grass_llm.influence.fisher import accumulate_gram
-from grass_llm.influence.score import HAVE_NUMBA, TopK, stream_top_k
-from grass_llm.store import LayerInfo, StoreLayout, create_store, open_store
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from grass_llm.influence import ScoreRequest, score_store  # noqa: E402
+from grass_llm.store import LayerInfo, StoreLayout, create_store, open_store  # noqa: E402
 
 
-def timed(fn, repeats):
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
-
-
-def build(url, rows, layers, k, chunk):
+def build(url: str, rows: int, layers: int, k: int, chunk: int):
     lays = tuple(LayerInfo(f"layer.{i}", f"factgrass:c=1,k={k},k_in=64,k_out=64", i, k, 1024,
                            1024, False) for i in range(layers))
     store = create_store(url, StoreLayout(n_examples=rows, layers=lays, chunk_rows=chunk,
@@ -50,26 +53,127 @@ def build(url, rows, layers, k, chunk):
     return open_store(url)
 
 
+def requests(store, n_q: int, n_tok: int, one_pass: bool) -> list[dict]:
+    """The score requests of one run: [{...}] for one pass, [{ex}, {tok}] for two."""
+    gen = torch.Generator().manual_seed(0)
+    ex = {x.name: torch.randn(n_q, x.k, generator=gen) for x in store.layout.layers}
+    if not n_tok:
+        return [{"ex": ScoreRequest(ex, top_k=10)}]
+    tok = {x.name: torch.randn(n_tok, x.k, generator=gen) for x in store.layout.layers}
+    both = {"ex": ScoreRequest(ex, top_k=10), "tok": ScoreRequest(tok, top_k=10)}
+    return [both] if one_pass else [{"ex": both["ex"]}, {"tok": both["tok"]}]
+
+
+def timed(fn, repeats: int) -> float:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def _status_kib(key: str) -> int:
+    """A line of /proc/self/status (VmRSS: now, VmHWM: peak), KiB; ru_maxrss elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs), so that the peak measured
+    next is the scoring's own, not an import-time transient."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker(args) -> None:
+    """One scoring run in this process (or this rank); rank 0 prints JSON."""
+    from grass_llm.parallel import comm, init_distributed
+
+    init_distributed()
+    store = open_store(args.store)
+    reqs = requests(store, args.queries, args.tokens, not args.two_pass)
+
+    def run():
+        for r in reqs:
+            score_store(store, r, device=args.device)
+        comm.barrier()
+
+    run()  # warm-up (numba compiles, page cache)
+    before = _status_kib("VmRSS")
+    reset = _reset_peak()
+    t = timed(run, args.repeats)
+    peak = _status_kib("VmHWM")
+    if comm.rank() == 0:
+        print(json.dumps({"seconds": t, "peak_kib": peak, "before_kib": before,
+                          "peak_is_scoring_only": reset}))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, url: str, procs: int, *extra: str) -> dict:
+    """Run `worker` in a fresh process (procs=1) or under torchrun (procs > 1)."""
+    base = [str(Path(__file__).resolve()), "--worker", "--store", url, "--device", args.device,
+            "--repeats", str(args.repeats), "--queries", str(args.queries), *extra]
+    if procs == 1:
+        cmd = [sys.executable, *base]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
+               "--master-port", str(_free_port()), *base]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def store_bytes(url: str) -> int:
+    return sum(p.stat().st_size for p in Path(url, "grads").rglob("*") if p.is_file())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--k", type=int, default=1024)
     ap.add_argument("--chunk-rows", type=int, default=512)
+    ap.add_argument("--queries", type=int, default=16, help="example-level query rows")
+    ap.add_argument("--tokens", type=int, default=256, help="per-token query rows")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--procs", type=int, default=2, help="ranks of the multi-process runs")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--store", help=argparse.SUPPRESS)
+    ap.add_argument("--two-pass", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         url = str(Path(tmp) / "bench.zarr")
         t0 = time.perf_counter()
         store = build(url, args.rows, args.layers, args.k, args.chunk_rows)
         files = sorted(p for p in Path(url, "grads").rglob("*") if p.is_file())
-        nbytes = sum(p.stat().st_size for p in files)
+        nbytes = store_bytes(url)
         print(f"store: {args.rows} rows x {args.layers} layers x k={args.k} float16, "
               f"{nbytes / 2**20:,.0f} MiB of chunk files (built in "
               f"{time.perf_counter() - t0:.0f} s); torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads, numba {'yes' if HAVE_NUMBA else 'no'}")
-        rate = {}
-        rate["raw read"] = nbytes / timed(lambda: [p.read_bytes() for p in files], args.repeats)
+              f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, device {args.device}; "
+              f"{args.queries} query rows, {args.tokens} token rows, top-10")
+        rate = {"raw read": nbytes / timed(lambda: [p.read_bytes() for p in files],
+                                           args.repeats)}
 
         def decode():
             for c in range(store.layout.n_chunks):
@@ -78,42 +182,31 @@ def main() -> None:
                     store.read_raw(x.name, a, b)
 
         rate["zarr decode"] = nbytes / timed(decode, args.repeats)
-        print("\n| what | MiB/s of store | vs raw read |")
-        print("|---|---:|---:|")
+        print("\n| what | processes | MiB/s of store | vs raw read |")
+        print("|---|---:|---:|---:|")
         for name, r in rate.items():
-            print(f"| {name} | {r / 2**20:,.0f} | {r / rate['raw read']:.2f} |")
-        backends = ["torch"] + (["numba"] if HAVE_NUMBA else [])
-        for n_q in (1, 16):
-            pre = {x.name: torch.randn(n_q, args.k, dtype=torch.float64)
-                   for x in store.layout.layers}
-            for be in backends:
-                stream_top_k(store, pre, 10, score_backend=be)  # warm-up (Numba compiles)
-                t = timed(lambda: stream_top_k(store, pre, 10, score_backend=be), args.repeats)
-                r = nbytes / t
-                print(f"| score top-10, {n_q} quer{'y' if n_q == 1 else 'ies'}, {be} | "
-                      f"{r / 2**20:,.0f} | {r / rate['raw read']:.2f} |")
-        scores = [np.random.default_rng(i).standard_normal((16, args.chunk_rows))
-                  for i in range(store.layout.n_chunks)]
-        print("\n| top-k merge (16 queries, all chunks) | ms |")
-        print("|---|---:|")
-        for be in backends:
-            def merge():
-                top = TopK(16, 10, be)
-                for c, s in enumerate(scores):
-                    top.update(s, c * args.chunk_rows)
-            merge()
-            print(f"| {be} | {timed(merge, args.repeats) * 1e3:,.2f} |")
-        chunks = list(range(store.layout.n_chunks))
-        t_fisher = timed(lambda: [accumulate_gram(store, x.name, chunks)
-                                  for x in store.layout.layers], 1)
-        flops = 2.0 * args.rows * args.k * args.k * args.layers
-        g = torch.randn(args.chunk_rows, args.k, dtype=torch.float64)
-        acc = torch.zeros(args.k, args.k, dtype=torch.float64)
-        n_mm = args.rows // args.chunk_rows * args.layers
-        t_gemm = timed(lambda: [acc.addmm_(g.T, g) for _ in range(n_mm)], 1)
-        print(f"\nFisher: {flops / t_fisher / 1e9:,.1f} GFLOP/s streaming from the store vs "
-              f"{flops / t_gemm / 1e9:,.1f} GFLOP/s float64 GEMM in memory "
-              f"({t_gemm / t_fisher:.2f} of the GEMM rate)")
+            print(f"| {name} | 1 | {r / 2**20:,.0f} | {r / rate['raw read']:.2f} |")
+        runs = [("example rows alone", ["--tokens", "0"]),
+                ("example + token rows, one pass", ["--tokens", str(args.tokens)]),
+                ("example + token rows, two passes", ["--tokens", str(args.tokens),
+                                                      "--two-pass"])]
+        for procs in sorted({1, args.procs}):
+            for label, extra in runs:
+                r = nbytes / launch(args, url, procs, *extra)["seconds"]
+                print(f"| score: {label} | {procs} | {r / 2**20:,.0f} | "
+                      f"{r / rate['raw read']:.2f} |")
+        print("\n| store rows | store MiB | RSS before scoring, MiB | peak RSS while scoring, "
+              "MiB | peak - before, MiB |")
+        print("|---:|---:|---:|---:|---:|")
+        for mult in (1, 2, 4):
+            big = url if mult == 1 else str(Path(tmp) / f"bench{mult}.zarr")
+            if mult > 1:
+                build(big, args.rows * mult, args.layers, args.k, args.chunk_rows)
+            m = launch(args, big, 1, "--tokens", str(args.tokens))
+            note = "" if m["peak_is_scoring_only"] else " (peak since start)"
+            print(f"| {args.rows * mult:,} | {store_bytes(big) / 2**20:,.0f} | "
+                  f"{m['before_kib'] / 1024:,.0f} | {m['peak_kib'] / 1024:,.0f}{note} | "
+                  f"{(m['peak_kib'] - m['before_kib']) / 1024:,.0f} |")
 
 
 if __name__ == "__main__":

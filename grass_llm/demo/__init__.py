@@ -17,13 +17,14 @@ import torch
 from grass_llm.config import RunConfig
 from grass_llm.data import read_records
 from grass_llm.influence import (
+    ScoreRequest,
     compute_fisher,
     from_file,
     load_factors,
     precondition,
-    stream_top_k,
+    score_store,
 )
-from grass_llm.influence.query import snippet, training_texts
+from grass_llm.influence.texts import row_texts, snippet
 from grass_llm.report import DocScore, QueryReport, TokenScore, render_report
 from grass_llm.runner import run_cache
 from grass_llm.store import open_store
@@ -50,7 +51,7 @@ def _token_reports(store, pre_tok, q, j, top_doc, tok_top, ids, texts) -> list[T
     tv, ti = tok_top
     out = []
     for r in range(a, b):
-        own = "; ".join(f"{ids[i]} ({v:.3g}): {snippet(texts, ids[i], 60)}"
+        own = "; ".join(f"{ids[i]} ({v:.3g}): {snippet(texts.get(int(i)), 60)}"
                         for v, i in zip(tv[r], ti[r]) if i >= 0)
         score = float(contrib[r - a])
         out.append(TokenScore(q.token_texts[r], score,
@@ -77,14 +78,17 @@ def run_demo(out_dir: str | Path = "grass-llm-demo", *, compressor: str = DEFAUL
     factors = load_factors(store)
     pre_q = precondition(factors, q.grads)
     pre_t = precondition(factors, q.tokens)
-    vals, idx = stream_top_k(store, pre_q, top_k)
-    tok_top = stream_top_k(store, pre_t, 3)
+    res = score_store(store, {"queries": ScoreRequest(pre_q, top_k=top_k),  # one pass for both
+                              "tokens": ScoreRequest(pre_t, top_k=3)})
+    vals, idx = res["queries"].values, res["queries"].indices
+    tok_top = (res["tokens"].values, res["tokens"].indices)
     prompts = {r.id: r.fields.get("prompt", "") for r in read_records(str(QUERIES)).records}
     ids = [str(x) for x in store.example_ids()]
-    texts = training_texts(store)
+    shown = np.unique(np.concatenate([idx.ravel(), tok_top[1].ravel()]))
+    texts = row_texts(store, {int(i): ids[i] for i in shown if i >= 0}, tokenizer=q.tokenizer)
     reports = []
     for j, qid in enumerate(q.ids):
-        top = [DocScore(r + 1, ids[i], float(v), snippet(texts, ids[i], 200))
+        top = [DocScore(r + 1, ids[i], float(v), snippet(texts.get(int(i)), 200))
                for r, (v, i) in enumerate(zip(vals[j], idx[j])) if i >= 0]
         tokens = _token_reports(store, pre_t, q, j, int(idx[j, 0]), tok_top, ids, texts)
         reports.append(QueryReport(qid, prompts.get(qid, ""), tokens, top))

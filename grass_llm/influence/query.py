@@ -1,32 +1,63 @@
-"""Query gradients for a store: computed with the model and the store's exact maps, or read from a
-second store cached from the query set; plus the training texts for readable results."""
+"""Query gradients for a store: computed with the model and the store's exact maps (on the GPU
+when there is one, batched under the cache job's token budget, split over ranks), or read from
+a second store cached from the query set.
+
+Per-token rows (``token_mode``):
+
+- ``"position"``: one row per input position t, the term ``delta_t x_t^T`` of the query's
+  gradient, all from the one backward pass of the query's batch (exact, cheap).
+- ``"loss"``: one row per target token t, the gradient of that token's loss alone. One backward
+  pass cannot separate two tokens' loss gradients: through causal attention, the loss at t
+  reaches every earlier position, so summed losses mix there. What the math does allow is one
+  *batch row* per target token: row t holds the query's first t + 1 tokens with only label t
+  (later positions do not affect that loss under causal attention, so truncating them changes
+  nothing but the cost), and rows of several tokens and queries share a forward and a backward
+  pass under the token budget. A query of T target tokens thus costs about ``sum_t t`` tokens
+  of compute instead of ``T^2``; tests check the rows against a for-loop of single backward()
+  calls in float64.
+
+The example-level rows always come from ordinary per-example backward passes, so a query's own
+scores are the same with or without per-token rows. Shapes: Q queries, N token rows, K a
+layer's size.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from grass_llm.capture import GradientCapture
+from grass_llm.capture.hooks import TOKEN_MODES
 from grass_llm.compress import parse_spec
-from grass_llm.data import collate, read_records, tokenize_records
+from grass_llm.data import (
+    IGNORE_INDEX,
+    Example,
+    collate,
+    read_records,
+    token_budget_batches,
+    tokenize_records,
+)
+from grass_llm.influence.reader import resolve_device
 from grass_llm.models import load_model
+from grass_llm.parallel import comm
 from grass_llm.store import GradientStore, StoreError
 from grass_llm.store.identity import model_identity
 
 
 @dataclass
 class QueryGrads:
-    """Compressed gradients of a query set (per query, and per target token when asked)."""
+    """Compressed gradients of a query set (per query, and per token when asked)."""
 
     ids: list[str]
     grads: dict[str, torch.Tensor]  # {layer: [Q, K]}
-    tokens: dict[str, torch.Tensor] | None = None  # {layer: [N, K]} one row per target token
-    offsets: np.ndarray | None = None  # [Q + 1]
-    positions: np.ndarray | None = None  # [N] label position of each token row
-    token_texts: list[str] | None = None  # [N] the decoded target token of each token row
+    tokens: dict[str, torch.Tensor] | None = None  # {layer: [N, K]} per-token rows
+    offsets: np.ndarray | None = None  # [Q + 1] rows of query j: offsets[j]:offsets[j + 1]
+    positions: np.ndarray | None = None  # [N] label position (loss) / input position (position)
+    token_texts: list[str] | None = None  # [N] the decoded token of each row
+    token_mode: str | None = None
+    tokenizer: object = None  # the store's tokenizer, when the model computed the rows
 
 
 def check_same_maps(store: GradientStore, layers: dict[str, tuple[str, int, int]], what: str):
@@ -65,11 +96,26 @@ def from_store(store: GradientStore, qstore: GradientStore) -> QueryGrads:
 
 
 def from_file(store: GradientStore, path: str, *, per_token: bool = False,
-              model_path: str | None = None) -> QueryGrads:
-    """Compute query gradients with the store's model, compressor, seeds and loss."""
+              token_mode: str = "loss", model_path: str | None = None,
+              device: str | torch.device = "auto", max_tokens: int | None = None) -> QueryGrads:
+    """Compute query gradients with the store's model, compressor, seeds and loss.
+
+    Args:
+        store: the store whose maps and model the queries must use.
+        path: a query file (corpus formats and fields).
+        per_token: also per-token rows, of ``token_mode`` ``"loss"`` or ``"position"``.
+        model_path: the model, if it moved since the store was made (same weights).
+        device: ``"auto"`` (this rank's GPU if any, else CPU) or a device.
+        max_tokens: padded tokens per forward/backward (default: the store's ``max_tokens``).
+
+    Under torch.distributed the batches are split over the ranks and every rank gets all rows.
+    """
+    if per_token and token_mode not in ("loss", "position"):
+        raise ValueError(f"token_mode must be 'loss' or 'position', got {token_mode!r}")
     cfg = store.meta.get("config")
     if not cfg:
         raise StoreError(f"{store.url} does not record its run config; cannot rebuild its maps")
+    dev = resolve_device(device)
     dtype = getattr(torch, cfg.get("dtype", "float32"))
     model, tok, _ = load_model(model_path or cfg["model"], dtype=dtype,
                                tokenizer=cfg.get("tokenizer"), seed=cfg.get("seed", 0),
@@ -83,70 +129,130 @@ def from_file(store: GradientStore, path: str, *, per_token: bool = False,
         raise ValueError(f"{path}: no query (the file is empty)")
     examples = tokenize_records(records, tok, max_length=cfg.get("max_length", 1024),
                                 overflow="truncate").examples
-    names = [x.name for x in store.layout.layers]
-    cap = GradientCapture(model, cfg["compressor"], layers=names, seed=cfg.get("seed", 0),
-                          reduction=cfg.get("reduction", "sum"),
-                          include_bias=cfg.get("include_bias", True),
-                          token_mode="loss" if per_token else None, token_batch_size=16)
-    check_same_maps(store, {n: (c.spec, c.seed, c.k) for n, c in cap.compressors.items()},
-                    f"queries computed with {cfg['compressor']!r}")
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    grads = {n: [] for n in names}
-    tokens = {n: [] for n in names}
-    counts, positions = [], []
-    with cap:
-        for ex in examples:  # one query at a time: queries are few, memory stays small
-            b = collate([ex], pad)
-            out = cap(b["input_ids"], b["attention_mask"], b["labels"])
-            for n in names:
-                rows = out.grads[n]
-                grads[n].append(rows.sum(0, keepdim=True) if per_token else rows)
-                if per_token:
-                    tokens[n].append(rows)
-            if per_token:
-                counts.append(rows.shape[0])
-                positions.append(out.positions.numpy())
-    q = QueryGrads([e.id for e in examples], {n: torch.cat(v) for n, v in grads.items()})
+    capture = {"layers": [x.name for x in store.layout.layers], "seed": cfg.get("seed", 0),
+               "reduction": cfg.get("reduction", "sum"),
+               "include_bias": cfg.get("include_bias", True)}
+    probe = GradientCapture(model, cfg["compressor"], **capture)
+    check_same_maps(store, {n: (c.spec, c.seed, c.k) for n, c in probe.compressors.items()},
+                    f"queries computed with {cfg['compressor']!r}")
+    q = query_gradients(model.to(dev), cfg["compressor"], examples, pad, capture=capture,
+                        token_mode=token_mode if per_token else None,
+                        max_tokens=max_tokens or cfg.get("max_tokens", 8192), device=dev)
+    q.tokenizer = tok
     if per_token:
-        q.tokens = {n: torch.cat(v) for n, v in tokens.items()}
-        q.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        q.positions = np.concatenate(positions)
-        q.token_texts = [tok.decode([ex.input_ids[int(p)]])
-                         for ex, n, a in zip(examples, counts, q.offsets[:-1])
-                         for p in q.positions[a:a + n]]
+        q.token_texts = [tok.decode([ex.input_ids[int(p)]]) for j, ex in enumerate(examples)
+                         for p in q.positions[q.offsets[j]: q.offsets[j + 1]]]
     return q
 
 
-def training_texts(store: GradientStore) -> dict[str, str]:
-    """Store example id -> its text (from the corpus the store records), for snippets; empty
-    when the corpus is no longer at its recorded path."""
-    cfg = store.meta.get("config", {})
-    path = cfg.get("data")
-    if not path or not Path(path).exists():
-        return {}
-    try:
-        records = read_records(path, on_error="skip").records
-    except ValueError:
-        return {}
-    texts = {}
-    for r in records:
-        f = r.fields
-        if "text" in f:
-            t = str(f["text"])
-        elif "prompt" in f:
-            t = f"{f.get('prompt', '')}{f.get('completion', '')}"
-        elif "messages" in f:
-            t = " | ".join(f"{m.get('role')}: {m.get('content')}" for m in f["messages"])
-        else:
+def query_gradients(model: torch.nn.Module, spec: str, examples: list[Example], pad_id: int, *,
+                    capture: dict, token_mode: str | None = None, max_tokens: int = 8192,
+                    device: torch.device | str = "cpu") -> QueryGrads:
+    """Example-level (and per-token) compressed gradients of ``examples``, in their order.
+
+    Args:
+        model: the causal LM, already on ``device``.
+        spec: compressor spec; ``capture``: the other ``GradientCapture`` keyword arguments
+            (layers, seed, reduction, include_bias).
+        token_mode: None, ``"loss"`` or ``"position"`` (see the module docstring).
+        max_tokens: padded tokens per forward/backward (a longer sequence runs alone).
+        device: where the batches go (the model's device).
+
+    Under torch.distributed (a collective) the batches go round robin over the ranks and every
+    rank returns all rows.
+    """
+    if token_mode not in TOKEN_MODES:
+        raise ValueError(f"token_mode must be one of {TOKEN_MODES}, got {token_mode!r}")
+    if token_mode == "loss" and capture.get("reduction", "sum") != "sum":
+        raise ValueError("per-token loss rows need the store's loss reduction to be 'sum'")
+    dev = torch.device(device)
+    batches = token_budget_batches([len(e.input_ids) for e in examples], max_tokens)
+    with GradientCapture(model, spec, **capture) as cap:
+        outs = _run_batches(cap, [[examples[i] for i in b] for b in batches], pad_id, dev)
+    rows = _scatter_rows(batches, outs, len(examples))
+    q = QueryGrads([e.id for e in examples], _stack(rows), token_mode=token_mode)
+    if token_mode == "loss":
+        _loss_rows(q, model, spec, capture, examples, pad_id, max_tokens, dev)
+    elif token_mode == "position":
+        with GradientCapture(model, spec, token_mode="position", **capture) as cap:
+            outs = _run_batches(cap, [[examples[i] for i in b] for b in batches], pad_id, dev)
+        per_ex: list = [None] * len(examples)
+        for b, (grads, offsets, positions) in zip(batches, outs):
+            for j, i in enumerate(b):
+                a, e = int(offsets[j]), int(offsets[j + 1])
+                per_ex[i] = ({k: v[a:e] for k, v in grads.items()}, positions[a:e])
+        _set_token_rows(q, [r[0] for r in per_ex], [r[1].numpy() for r in per_ex])
+    return q
+
+
+def _run_batches(cap: GradientCapture, batches: list[list[Example]], pad_id: int,
+                 device: torch.device) -> list[tuple]:
+    """``(grads on CPU, offsets, positions)`` of every batch; batch b is computed by rank
+    b mod world size, and the results are gathered to every rank."""
+    rank, world = comm.rank(), comm.world_size()
+    local = {}
+    with comm.guarded("computing query gradients"):
+        for b in range(rank, len(batches), world):
+            t = collate(batches[b], pad_id)
+            out = cap(t["input_ids"].to(device), t["attention_mask"].to(device),
+                      t["labels"].to(device))
+            local[b] = ({k: v.detach().cpu() for k, v in out.grads.items()},
+                        None if out.offsets is None else out.offsets.cpu(),
+                        None if out.positions is None else out.positions.cpu())
+    merged = {}
+    for part in comm.all_gather_object(local) if world > 1 else [local]:
+        merged.update(part)
+    return [merged[b] for b in range(len(batches))]
+
+
+def _scatter_rows(batches: list[list[int]], outs: list[tuple], n: int) -> list[dict]:
+    """Per-row results of index batches back in index order: ``[{layer: [K]}] * n``."""
+    rows: list = [None] * n
+    for b, (grads, _, _) in zip(batches, outs):
+        for j, i in enumerate(b):
+            rows[i] = {k: v[j] for k, v in grads.items()}
+    return rows
+
+
+def _stack(rows: list[dict]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _set_token_rows(q: QueryGrads, per_example: list[dict], positions: list[np.ndarray]):
+    """Concatenate each query's token rows: ``q.tokens``, ``offsets``, ``positions``."""
+    counts = [len(p) for p in positions]
+    q.tokens = {k: torch.cat([r[k] for r in per_example]) for k in per_example[0]}
+    q.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    q.positions = np.concatenate(positions).astype(np.int64)
+
+
+def single_target_rows(ex: Example) -> list[tuple[int, Example]]:
+    """``(t, row)`` for every target token t of ``ex`` (label positions t >= 1): the first t + 1
+    tokens with only label t, whose loss gradient is token t's own (see module docstring)."""
+    out = []
+    for t in range(1, len(ex.labels)):
+        if ex.labels[t] == IGNORE_INDEX:
             continue
-        texts[r.id] = t
-    return texts
+        labels = [IGNORE_INDEX] * t + [ex.labels[t]]
+        out.append((t, replace(ex, input_ids=ex.input_ids[: t + 1], labels=labels)))
+    return out
 
 
-def snippet(texts: dict[str, str], example_id: str, width: int = 240) -> str | None:
-    base = example_id.split("#", 1)[0] if example_id not in texts else example_id
-    t = texts.get(base)
-    if t is None:
-        return None
-    t = " ".join(t.split())
-    return t if len(t) <= width else t[: width - 1] + "…"
+def _loss_rows(q, model, spec, capture, examples, pad_id, max_tokens, dev) -> None:
+    """Each target token's own loss gradient: one truncated single-target row per token,
+    rows of all queries batched under the token budget."""
+    specs = [(i, t, row) for i, ex in enumerate(examples) for t, row in single_target_rows(ex)]
+    batches = token_budget_batches([len(r.input_ids) for _, _, r in specs], max_tokens)
+    with GradientCapture(model, spec, **capture) as cap:
+        outs = _run_batches(cap, [[specs[s][2] for s in b] for b in batches], pad_id, dev)
+    rows = _scatter_rows(batches, outs, len(specs))
+    per_ex = [[] for _ in examples]
+    pos = [[] for _ in examples]
+    for (i, t, _), r in zip(specs, rows):
+        per_ex[i].append(r)
+        pos[i].append(t)
+    names = list(q.grads)
+    empty = {k: q.grads[k].new_zeros(0, q.grads[k].shape[1]) for k in names}
+    _set_token_rows(q, [_stack(r) if r else empty for r in per_ex],
+                    [np.asarray(p, dtype=np.int64) for p in pos])

@@ -1,193 +1,244 @@
-"""Scores streamed over a store: top-k, the full matrix, self-influence, valuation.
+"""Scores streamed over a store in one pass: top-k, full score rows, the score matrix,
+self-influence and valuation, on the GPU when there is one and split over ranks.
 
-``s(q, i) = sum_l q~_l^T g_il`` with ``q~_l = (F_l + lambda_l I)^-1 q_l`` precomputed once, so a
-pass over the store is one GEMM per layer and row chunk, with memory bounded by one chunk.
-The running top-k per query is merged chunk by chunk, in a Numba kernel when Numba is present
-(a torch ``topk`` over [current top-k, chunk scores] otherwise; both are tested against a full
-sort). Shapes: Q queries, R rows of a chunk, K top-k size.
+``s(q, i) = sum_l q~_l^T g_il`` with ``q~_l = (F_l + lambda_l I)^-1 q_l`` precomputed. Every
+set of query rows a run asks for (example-level queries, per-token query rows, a valuation
+target) is concatenated into one ``[Q, K_l]`` matrix per layer, so each row chunk is read once
+and scored by one GEMM per layer (float32, the rows are stored in at most 32 bits; the sum over
+layers in float64); the score columns are then split back per request.
+
+Memory: the preconditioned queries (``Q * sum_l K_l`` float32 on the device), ``depth + 1`` jobs
+of rows in flight (a job is a row chunk of a few layers, at most 64 MiB decoded), a ``[Q, R]``
+score block per job and each request's top-k; nothing grows with the store, except the
+``[Q, n]`` rows a request keeps in full (``keep_all``, e.g. valuation: Q = 1).
+
+On the CPU each job is scored in its worker thread (one per core, torch ops single-threaded
+during the pass): many small GEMMs in parallel beat one multi-threaded GEMM at a time, whose
+OpenMP team would wait on cores the readers hold. On a GPU the workers read and copy; the
+GEMMs run on the current stream.
+
+Ranks (torchrun / accelerate launch): chunks go round robin; each rank keeps its own top-k and
+rank 0 merges them (``merge_top_k``), the same result as one process. Shapes: Q queries, R rows
+of a chunk, K a layer's size, n rows of the store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from grass_llm.influence.fisher import load_factors, precondition
+from grass_llm.influence.factors import load_factors
+from grass_llm.influence.fisher import precondition
+from grass_llm.influence.reader import (
+    Job,
+    chunk_jobs,
+    cpu_workers,
+    read_ahead,
+    resolve_device,
+    single_threaded_ops,
+)
+from grass_llm.influence.topk import TopK, merge_top_k
+from grass_llm.parallel import comm
 from grass_llm.store import GradientStore
 
-try:
-    import numba
-
-    @numba.njit(parallel=True, cache=True)
-    def _merge_topk_numba(scores, offset, vals, idx):  # pragma: no cover - compiled
-        Q, R = scores.shape
-        K = vals.shape[1]
-        for q in numba.prange(Q):
-            mpos = 0
-            for j in range(1, K):
-                if vals[q, j] < vals[q, mpos]:
-                    mpos = j
-            for r in range(R):
-                v = scores[q, r]
-                if v > vals[q, mpos]:
-                    vals[q, mpos] = v
-                    idx[q, mpos] = offset + r
-                    mpos = 0
-                    for j in range(1, K):
-                        if vals[q, j] < vals[q, mpos]:
-                            mpos = j
-
-    @numba.njit(parallel=True, cache=True, fastmath=True)
-    def _fp16_scores_numba(q, g_bits, lut):  # pragma: no cover - compiled
-        Q, K = q.shape
-        R = g_bits.shape[0]
-        out = np.zeros((Q, R))
-        for r in numba.prange(R):
-            acc = np.zeros(Q, dtype=np.float32)
-            for j in range(K):
-                v = lut[g_bits[r, j]]
-                for t in range(Q):
-                    acc[t] += q[t, j] * v
-            for t in range(Q):
-                out[t, r] = acc[t]
-        return out
-
-    HAVE_NUMBA = True
-except ImportError:  # pragma: no cover
-    HAVE_NUMBA = False
+Progress = Callable[[int, int], None]
 
 
-# float16 bit pattern -> float32 value, for the fused decode-and-score kernel
-_HALF_LUT = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+@dataclass
+class ScoreRequest:
+    """One set of preconditioned query rows and what to keep of their scores.
 
-
-class TopK:
-    """Running top-k of every query row over streamed score chunks."""
-
-    def __init__(self, n_queries: int, k: int, backend: str = "auto"):
-        if k < 1:
-            raise ValueError(f"top-k must be >= 1, got {k}")
-        if backend == "auto":
-            backend = "numba" if HAVE_NUMBA else "torch"
-        if backend not in ("numba", "torch"):
-            raise ValueError(f"backend must be numba, torch or auto, got {backend!r}")
-        self.k, self.backend = k, backend
-        self.vals = np.full((n_queries, k), -np.inf, dtype=np.float64)
-        self.idx = np.full((n_queries, k), -1, dtype=np.int64)
-
-    def update(self, scores_QR: np.ndarray, offset: int) -> None:
-        scores = np.ascontiguousarray(scores_QR, dtype=np.float64)
-        if self.backend == "numba":
-            _merge_topk_numba(scores, offset, self.vals, self.idx)
-            return
-        both_v = torch.from_numpy(np.concatenate([self.vals, scores], axis=1))
-        cols = np.arange(offset, offset + scores.shape[1])[None].repeat(scores.shape[0], 0)
-        both_i = torch.from_numpy(np.concatenate([self.idx, cols], axis=1))
-        v, pos = both_v.topk(min(self.k, both_v.shape[1]), dim=1)
-        self.vals = np.ascontiguousarray(v.numpy())
-        self.idx = np.ascontiguousarray(torch.gather(both_i, 1, pos).numpy())
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(values [Q, K], row indices [Q, K])``, best first; ties by lower row index;
-        unfilled slots (fewer rows than k) have index -1."""
-        order = np.lexsort((self.idx, -self.vals), axis=1) if self.vals.size else self.idx
-        return (np.take_along_axis(self.vals, order, 1), np.take_along_axis(self.idx, order, 1))
-
-
-def fetch_chunk(store: GradientStore, names, c: int, backend: str = "torch") -> dict:
-    """Row chunk c of every layer, ready to score: float32 tensors (torch backend) or the raw
-    float16 bit patterns (the fused Numba backend)."""
-    a, b = store.layout.chunk_range(c)
-    if backend == "numba" and HAVE_NUMBA and store.layout.dtype == "float16":
-        return {n: store.read_raw(n, a, b).view(np.uint16) for n in names}
-    return {n: store.read_rows_torch(n, a, b) for n in names}
-
-
-def score_rows(pre32: dict[str, torch.Tensor], rows: dict) -> np.ndarray:
-    """``sum_l q~_l @ g_l^T`` for one fetched chunk: ``[Q, R]`` float64 (layer sum in float64)."""
-    total = None
-    for name, q in pre32.items():
-        g = rows[name]
-        s = (_fp16_scores_numba(q.numpy(), g, _HALF_LUT) if isinstance(g, np.ndarray)
-             else (q @ g.T).double().numpy())
-        total = s if total is None else total + s
-    return total
-
-
-def chunk_scores(store: GradientStore, pre: dict[str, torch.Tensor], c: int, *,
-                 backend: str = "torch") -> np.ndarray:
-    """Scores of all queries against row chunk c: ``[Q, R]`` float64.
-
-    Each layer's GEMM runs in float32 on the decoded rows (the rows are stored in at most 32
-    bits); the sum over layers is float64. ``backend="numba"`` decodes float16 rows and
-    accumulates in one fused pass instead (slower than torch here: tools/bench_query.py).
+    Attributes:
+        pre: ``{layer: [Q, K]}`` preconditioned query rows (every layer of the store).
+        top_k: keep each row's top-k training rows (None: no top-k).
+        keep_all: keep every score, ``[Q, n]`` float64 in memory (valuation).
+        matrix_out: an array-like ``[Q, n]`` (e.g. a chunked Zarr array) each row chunk's
+            float32 scores are written into; under several ranks each writes its own chunks.
     """
-    pre32 = {n: q.float() for n, q in pre.items()}
-    return score_rows(pre32, fetch_chunk(store, list(pre32), c, backend))
+
+    pre: Mapping[str, torch.Tensor]
+    top_k: int | None = None
+    keep_all: bool = False
+    matrix_out: object = None
 
 
-def _prefetched(store: GradientStore, names, backend: str):
-    """Yield ``(c, rows)`` for every chunk, reading chunk c + 1 in a thread while chunk c is
-    scored: Zarr's file reads, checksums and dtype conversion release the GIL."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        n = store.layout.n_chunks
-        nxt = pool.submit(fetch_chunk, store, names, 0, backend) if n else None
-        for c in range(n):
-            rows = nxt.result()
-            if c + 1 < n:
-                nxt = pool.submit(fetch_chunk, store, names, c + 1, backend)
-            yield c, rows
+@dataclass
+class ScoreResult:
+    """What a request kept (on rank 0): ``values``/``indices`` ``[Q, k]`` (best first, ties by
+    lower row) and/or ``scores`` ``[Q, n]``."""
+
+    values: np.ndarray | None = None
+    indices: np.ndarray | None = None
+    scores: np.ndarray | None = None
 
 
-def stream_top_k(store: GradientStore, pre: dict[str, torch.Tensor], k: int, *,
-                 matrix_out=None, backend: str = "auto", score_backend: str = "torch",
-                 progress: Callable[[int, int], None] | None = None):
-    """Top-k training rows per query over the whole store; optionally every score into
-    ``matrix_out`` (a ``[Q, n]`` array-like, e.g. a chunked Zarr array)."""
+def _query_matrix(store: GradientStore, requests: Mapping[str, ScoreRequest],
+                  device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, slice]]:
+    """Concatenate every request's rows per layer: ``{layer: [Q_total, K] float32}``."""
+    names = store.layer_names
+    rows, start = {}, 0
+    for key, req in requests.items():
+        if set(req.pre) != set(names):
+            missing = sorted(set(names) - set(req.pre))[:3]
+            raise ValueError(f"request {key!r}: query rows must cover every layer of the store "
+                             f"(missing {missing}, extra {sorted(set(req.pre) - set(names))[:3]})")
+        q = req.pre[names[0]].shape[0]
+        for name in names:
+            k = next(x.k for x in store.layout.layers if x.name == name)
+            if tuple(req.pre[name].shape) != (q, k):
+                raise ValueError(f"request {key!r}, layer {name}: rows of shape "
+                                 f"{list(req.pre[name].shape)}, expected [{q}, {k}]")
+        if req.top_k is not None and req.top_k < 1:
+            raise ValueError(f"request {key!r}: top-k must be >= 1, got {req.top_k}")
+        rows[key] = slice(start, start + q)
+        start += q
+    mats = {name: torch.cat([r.pre[name].to(device, torch.float32) for r in requests.values()])
+            for name in names}
+    return mats, rows
+
+
+def score_store(store: GradientStore, requests: Mapping[str, ScoreRequest], *,
+                device: str | torch.device = "auto", depth: int | None = None,
+                backend: str = "auto", progress: Progress | None = None
+                ) -> dict[str, ScoreResult] | None:
+    """Score every request against every row of the store in one pass.
+
+    Call it on every rank under torch.distributed (a collective): each rank scores its round
+    robin share of the row chunks; the results are merged on rank 0.
+
+    Args:
+        store: a complete store.
+        requests: ``{name: ScoreRequest}``.
+        device: ``"auto"`` (this rank's GPU if any, else CPU) or a device.
+        depth: jobs in flight (default: CPU, one per core plus one, each scored in its worker
+            thread with single-threaded torch ops; GPU, 2 read ahead).
+        backend: the top-k backend (``"auto"``, ``"numba"``, ``"torch"``; see ``TopK``).
+        progress: ``progress(chunks_done, chunks_of_this_rank)``.
+
+    Returns:
+        ``{name: ScoreResult}`` on rank 0, None on the other ranks.
+    """
     store.require_complete()
-    pre32 = {n: q.float() for n, q in pre.items()}
-    n_q = next(iter(pre32.values())).shape[0]
-    top = TopK(n_q, min(k, store.n_examples), backend)
-    for c, rows in _prefetched(store, list(pre32), score_backend):
-        s = score_rows(pre32, rows)
-        a, b = store.layout.chunk_range(c)
-        if matrix_out is not None:
-            matrix_out[:, a:b] = s.astype(np.float32)
-        top.update(s, a)
-        if progress is not None:
-            progress(c + 1, store.layout.n_chunks)
-    return top.result()
+    dev = resolve_device(device)
+    mats, rows = _query_matrix(store, requests, dev)
+    n = store.n_examples
+    tops = {key: TopK(rows[key].stop - rows[key].start, min(req.top_k, n), backend, dev)
+            for key, req in requests.items() if req.top_k is not None}
+    kept = {key: torch.zeros(rows[key].stop - rows[key].start, n, dtype=torch.float64)
+            for key, req in requests.items() if req.keep_all}
+    rank, world = comm.rank(), comm.world_size()
+    mine = list(range(rank, store.layout.n_chunks, world))
+    on_cpu = dev.type == "cpu"
+    depth = depth or (cpu_workers() if on_cpu else 2)
+    with comm.guarded("scoring the store"), \
+            (single_threaded_ops() if on_cpu else nullcontext()):
+        jobs = chunk_jobs(store, mine, store.layer_names)
+        s, done = None, 0
+        for job, out in read_ahead(store, jobs, device=dev, depth=depth,
+                                   then=(lambda j, r: _chunk_scores(mats, r)) if on_cpu
+                                   else None):
+            part = out if on_cpu else _chunk_scores(mats, out)
+            s = part if s is None else s.add_(part)  # layer groups of a chunk, in order
+            if not job.last:
+                continue
+            for key, req in requests.items():
+                block = s[rows[key]]
+                if key in tops:
+                    tops[key].update(block, job.start)
+                if req.matrix_out is not None:
+                    req.matrix_out[:, job.start: job.stop] = block.float().cpu().numpy()
+                if key in kept:
+                    kept[key][:, job.start: job.stop] = block.cpu()
+            s, done = None, done + 1
+            if progress is not None:
+                progress(done, len(mine))
+    return _merge(requests, tops, kept)
 
 
-def self_influence(store: GradientStore, *, progress=None) -> np.ndarray:
-    """``s(i, i) = sum_l g_il^T (F_l + lambda_l I)^-1 g_il`` for every row: ``[n]``."""
-    store.require_complete()
-    factors = load_factors(store)
-    out = np.zeros(store.n_examples)
-    for c in range(store.layout.n_chunks):
-        a, b = store.layout.chunk_range(c)
-        for lay in store.layout.layers:
-            g = torch.from_numpy(store.read_rows(lay.name, a, b)).double()
-            solved = torch.cholesky_solve(g.T, factors[lay.name]).T
-            out[a:b] += (g * solved).sum(1).numpy()
-        if progress is not None:
-            progress(c + 1, store.layout.n_chunks)
+def _chunk_scores(mats: Mapping[str, torch.Tensor], chunk: Mapping[str, torch.Tensor]
+                  ) -> torch.Tensor:
+    """``sum_l Q_l @ G_l^T`` over the layers of one job: ``[Q, R]`` float64 (a float32 GEMM per
+    layer)."""
+    s = None
+    for name, g in chunk.items():
+        part = mats[name] @ g.T
+        s = part.double() if s is None else s.add_(part)
+    return s
+
+
+def _merge(requests, tops, kept) -> dict[str, ScoreResult] | None:
+    """Every rank's top-k lists to rank 0 and merged there; kept rows summed there."""
+    local = {key: top.result() for key, top in tops.items()}
+    gathered = comm.gather_object(local, dst=0)
+    for key in kept:  # each rank filled only its own columns: the sum is the whole row
+        kept[key] = comm.reduce(kept[key], dst=0)
+    if comm.rank() != 0:
+        return None
+    out = {}
+    for key in requests:
+        res = ScoreResult()
+        if key in tops:
+            k = tops[key].k
+            res.values, res.indices = merge_top_k([g[key] for g in gathered], k)
+        if key in kept:
+            res.scores = kept[key].numpy()
+        out[key] = res
     return out
 
 
-def valuation(store: GradientStore, target_grads: dict[str, torch.Tensor], *,
-              progress=None) -> np.ndarray:
-    """``v_i = sum_q s(q, i)``: one preconditioned summed target gradient, one pass: ``[n]``."""
+def stream_top_k(store: GradientStore, pre: Mapping[str, torch.Tensor], k: int, *,
+                 matrix_out=None, backend: str = "auto", device: str | torch.device = "auto",
+                 depth: int | None = None, progress: Progress | None = None):
+    """Top-k training rows per query over the whole store: ``(values [Q, k], rows [Q, k])``
+    (on rank 0; None elsewhere); optionally every score into ``matrix_out``."""
+    res = score_store(store, {"q": ScoreRequest(pre, top_k=k, matrix_out=matrix_out)},
+                      device=device, depth=depth, backend=backend, progress=progress)
+    return None if res is None else (res["q"].values, res["q"].indices)
+
+
+def self_influence(store: GradientStore, *, factors=None, device: str | torch.device = "auto",
+                   depth: int = 2, progress: Progress | None = None) -> np.ndarray | None:
+    """``s(i, i) = sum_l ||L_l^-1 g_il||^2 = sum_l g_il^T (F_l + lambda_l I)^-1 g_il`` for every
+    row: ``[n]`` float64 on rank 0 (None elsewhere; a collective under torch.distributed).
+
+    Layer by layer, so that one factor is in memory at a time; float64 throughout.
+    """
     store.require_complete()
+    dev = resolve_device(device)
+    fac = factors if factors is not None else load_factors(store)
+    rank, world = comm.rank(), comm.world_size()
+    mine = list(range(rank, store.layout.n_chunks, world))
+    out = torch.zeros(store.n_examples, dtype=torch.float64, device=dev)
+    jobs = [Job(c, *store.layout.chunk_range(c), (x.name,))
+            for x in store.layout.layers for c in mine]
+    with comm.guarded("computing self-influence"):
+        L, current = None, None
+        for done, (job, rows) in enumerate(read_ahead(store, jobs, device=dev,
+                                                      dtype=torch.float64, depth=depth)):
+            (name, g), = rows.items()
+            if name != current:
+                L, current = fac[name].to(dev), name
+            z = torch.linalg.solve_triangular(L, g.T, upper=False)  # L^-1 g^T: [K, R]
+            out[job.start: job.stop] += (z * z).sum(0)
+            if progress is not None:
+                progress(done + 1, len(jobs))
+    out = comm.reduce(out, dst=0)  # each rank filled only its own rows
+    return None if out is None else out.cpu().numpy()
+
+
+def valuation(store: GradientStore, target_grads: Mapping[str, torch.Tensor], *, factors=None,
+              device: str | torch.device = "auto", depth: int | None = None,
+              progress: Progress | None = None) -> np.ndarray | None:
+    """``v_i = sum_q s(q, i)``: the targets' summed gradient, preconditioned once, scored in one
+    pass: ``[n]`` float64 on rank 0 (None elsewhere; a collective under torch.distributed)."""
+    dev = resolve_device(device)
     summed = {k: v.double().sum(0, keepdim=True) for k, v in target_grads.items()}
-    pre32 = {n: q.float() for n, q in precondition(load_factors(store), summed).items()}
-    out = np.zeros(store.n_examples)
-    for c, rows in _prefetched(store, list(pre32), "torch"):
-        a, b = store.layout.chunk_range(c)
-        out[a:b] = score_rows(pre32, rows)[0]
-        if progress is not None:
-            progress(c + 1, store.layout.n_chunks)
-    return out
+    pre = precondition(factors if factors is not None else load_factors(store), summed,
+                       device=dev)
+    res = score_store(store, {"value": ScoreRequest(pre, keep_all=True)}, device=dev,
+                      depth=depth, progress=progress)
+    return None if res is None else res["value"].scores[0]

@@ -109,6 +109,16 @@ def all_gather_object(obj, group=None) -> list:
     return out
 
 
+def gather_object(obj, dst: int = 0, group=None) -> list | None:
+    """Every rank's ``obj`` on global rank ``dst``, in rank order; None on the other ranks
+    (e.g. each rank's top-k lists, merged on rank 0 only)."""
+    if not initialized():
+        return [obj]
+    out = [None] * world_size(group) if rank() == dst else None
+    dist.gather_object(obj, out, dst=dst, group=group)
+    return out
+
+
 def agree(value: int, op: str = "max", group=None) -> int:
     """One integer every rank agrees on: the max (or min, or sum) of the ranks' values."""
     if not initialized():

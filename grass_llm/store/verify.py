@@ -1,4 +1,11 @@
-"""``grass-llm verify``: check that a store is complete and intact."""
+"""``grass-llm verify``: check that a store is complete and intact, its Fisher fit included.
+
+The Fisher fit layout (written by ``grass_llm.influence.factors``): group ``fisher`` with
+attribute ``current`` naming the fit in use; each fit is a group ``fisher/<fit-id>`` holding one
+``[k, k]`` float64 array per layer (the lower Cholesky factor of ``F_l + lambda_l I``) and the
+attributes ``complete``, ``identity`` (the store's), ``damping``, ``mode``, ``n`` and
+``layers`` (per-layer report). A fit becomes current only once it is complete.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,59 @@ from collections.abc import Callable
 import numpy as np
 
 from grass_llm.store.store import _ZARR_DTYPE, GradientStore, StoreError
+
+FISHER_GROUP = "fisher"
+CURRENT_ATTR = "current"
+
+
+def fisher_problems(store: GradientStore, *, quick: bool = False) -> list[str]:
+    """Problems of the store's current Fisher fit; none when no fit was ever started.
+
+    Checks that the current fit exists, is complete, belongs to this store (identity) and has a
+    ``[k, k]`` float64 factor for every layer; unless ``quick``, also that every factor decodes
+    (checksums), is finite, lower triangular, with a positive diagonal.
+    """
+    if FISHER_GROUP not in store.group:
+        return []
+    fisher = store.group[FISHER_GROUP]
+    fit_id = fisher.attrs.get(CURRENT_ATTR)
+    if fit_id is None:
+        return ["Fisher: no complete fit (an interrupted `grass-llm fisher`, or factors of an "
+                "older grass_llm); rerun `grass-llm fisher`"]
+    if fit_id not in fisher:
+        return [f"Fisher: the current fit {fit_id!r} is missing; rerun `grass-llm fisher`"]
+    fit = fisher[fit_id]
+    if not fit.attrs.get("complete"):
+        return [f"Fisher: the current fit {fit_id!r} is not complete; rerun `grass-llm fisher`"]
+    if fit.attrs.get("identity") != store.identity:
+        return [f"Fisher: the current fit {fit_id!r} belongs to another run (identity "
+                "differs); rerun `grass-llm fisher`"]
+    problems = []
+    for lay in store.layout.layers:
+        try:
+            arr = fit[lay.name]
+        except KeyError:
+            problems.append(f"Fisher: no factor for layer {lay.name} in fit {fit_id!r}")
+            continue
+        if tuple(arr.shape) != (lay.k, lay.k) or str(arr.dtype) != "float64":
+            problems.append(f"Fisher: factor {lay.name} has shape {tuple(arr.shape)} dtype "
+                            f"{arr.dtype}, expected {(lay.k, lay.k)} float64")
+        elif not quick:
+            problems += _factor_problems(arr, lay.name)
+    return problems
+
+
+def _factor_problems(arr, name: str) -> list[str]:
+    try:
+        L = arr[:]
+    except Exception as err:  # CRC32C mismatch, truncated file
+        return [f"Fisher: factor {name} is unreadable ({type(err).__name__}: {err})"]
+    if not np.isfinite(L).all():
+        return [f"Fisher: factor {name} holds NaN/Inf"]
+    if np.triu(L, 1).any() or not (np.diagonal(L) > 0).all():
+        return [f"Fisher: factor {name} is not a Cholesky factor (lower triangular, positive "
+                "diagonal)"]
+    return []
 
 
 def _expected_arrays(store: GradientStore) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -31,7 +91,8 @@ def verify_store(url: str, *, quick: bool = False, repair: bool = False,
     Checks: format and attrs; every array's shape and dtype against the recorded layout; every
     row chunk marked done; unless ``quick``, every chunk of every array decodes (CRC32C checksums
     catch truncated or corrupted files) and holds only finite values; example ids unique and
-    complete; rows flagged non-finite at write time.
+    complete; rows flagged non-finite at write time; the Fisher fit, if any (see
+    ``fisher_problems``).
 
     With ``repair``, the row chunks whose data is unreadable are marked not done, so that
     rerunning the same cache command recomputes exactly those.
@@ -60,6 +121,7 @@ def verify_store(url: str, *, quick: bool = False, repair: bool = False,
         missing = np.nonzero(~done)[0]
         problems.append(f"{missing.size} of {done.size} row chunks are not complete (first: "
                         f"{missing[:8].tolist()}); rerun the same cache command to finish them")
+    problems += fisher_problems(store, quick=quick)
     if quick:
         return problems
     lay = store.layout

@@ -1,0 +1,208 @@
+"""Streamed scoring against brute-force numpy over the raw arrays: top-k (both backends, ties),
+rank merges, one pass for several query sets, self-influence, valuation, the read-ahead."""
+
+import numpy as np
+import pytest
+import torch
+
+from grass_llm.influence import (
+    ScoreRequest,
+    TopK,
+    compute_fisher,
+    from_store,
+    load_factors,
+    merge_top_k,
+    precondition,
+    score_store,
+    self_influence,
+    stream_top_k,
+    valuation,
+)
+from grass_llm.influence.reader import chunk_jobs, read_ahead
+from grass_llm.influence.topk import HAVE_NUMBA
+from tests.test_influence import LAYERS, random_store, raw
+
+BACKENDS = ["torch"] + (["numba"] if HAVE_NUMBA else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU: the CUDA path runs where one is lent"))]
+
+
+def full_scores(store, pre):
+    """Brute force: every score, float64 numpy over the raw arrays."""
+    return sum(pre[x.name].numpy() @ raw(store, x.name).T for x in LAYERS)
+
+
+def reference_top_k(scores, k):
+    """Full sort: score descending, lower row first on ties."""
+    rows = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    order = np.lexsort((rows, -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, 1), order
+
+
+# per-layer GEMMs run in float32 (rows are stored in at most 32 bits): ~1e-7 relative; scores
+# near 0 cancel, hence the absolute part
+def assert_scores_close(got, want):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.fixture
+def fitted(tmp_path):
+    store = random_store(tmp_path)
+    compute_fisher(store, device="cpu")
+    return store
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_streaming_top_k_equals_full_sort(fitted, backend, k):
+    gen = torch.Generator().manual_seed(k)
+    q = {x.name: torch.randn(4, x.k, generator=gen) for x in LAYERS}
+    pre = precondition(load_factors(fitted), q)
+    vals, idx = stream_top_k(fitted, pre, k, backend=backend, device="cpu")
+    want_v, want_i = reference_top_k(full_scores(fitted, pre), min(k, fitted.n_examples))
+    np.testing.assert_array_equal(idx, want_i)
+    assert_scores_close(vals, want_v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_k_ties_keep_the_lower_row_whatever_the_chunking(backend):
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=(5, 37)).astype(np.float64)  # many ties
+    # k = 12, 20: the k-th score lies inside a block of ties, where an eviction must drop the
+    # higher row (the old kernels dropped whichever tied slot came first)
+    for k in (1, 3, 8, 12, 20, 40):
+        want_v, want_i = reference_top_k(scores, min(k, 37))
+        for cuts in ([37], [3, 10, 24], list(range(1, 37))):
+            top = TopK(5, k, backend)
+            start = 0
+            for stop in cuts + [37]:
+                if stop > start:
+                    top.update(scores[:, start:stop], start)
+                start = stop
+            vals, idx = top.result()
+            got = idx[:, : min(k, 37)]
+            np.testing.assert_array_equal(got, want_i, err_msg=f"k={k} cuts={cuts}")
+            np.testing.assert_array_equal(vals[:, : min(k, 37)], want_v)
+            if k > 37:  # unfilled slots last
+                assert (idx[:, 37:] == -1).all() and np.isneginf(vals[:, 37:]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_k_evicts_the_higher_of_two_tied_rows(backend):
+    top = TopK(1, 2, backend)
+    top.update(np.array([[1.0, 1.0, 2.0]]), 0)
+    assert top.result()[1].tolist() == [[2, 0]]
+
+
+def test_top_k_refuses_rows_out_of_order():
+    top = TopK(1, 2, "torch")
+    top.update(np.zeros((1, 3)), 3)
+    with pytest.raises(ValueError, match="increasing order"):
+        top.update(np.zeros((1, 3)), 0)
+
+
+def test_merged_rank_top_k_equals_one_pass():
+    rng = np.random.default_rng(1)
+    scores = rng.integers(0, 5, size=(3, 50)).astype(np.float64)
+    want = reference_top_k(scores, 7)
+    parts = []
+    for rank in range(3):  # chunks of 4 rows round robin over 3 "ranks"
+        top = TopK(3, 7, "torch")
+        for start in range(rank * 4, 50, 12):
+            top.update(scores[:, start: start + 4], start)
+        parts.append(top.result())
+    vals, idx = merge_top_k(parts, 7)
+    np.testing.assert_array_equal(idx, want[1])
+    np.testing.assert_array_equal(vals, want[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_pass_serves_every_request(fitted, device):
+    gen = torch.Generator().manual_seed(7)
+    factors = load_factors(fitted)
+    pre_q = precondition(factors, {x.name: torch.randn(3, x.k, generator=gen) for x in LAYERS})
+    pre_t = precondition(factors, {x.name: torch.randn(11, x.k, generator=gen) for x in LAYERS})
+    pre_v = precondition(factors, {x.name: torch.randn(1, x.k, generator=gen) for x in LAYERS})
+    matrix = np.zeros((3, fitted.n_examples), dtype=np.float32)
+    reads = []
+    real = fitted.read_raw
+    fitted.read_raw = lambda *a: reads.append(a) or real(*a)
+    res = score_store(fitted, {"q": ScoreRequest(pre_q, top_k=4, matrix_out=matrix),
+                               "tok": ScoreRequest(pre_t, top_k=2),
+                               "value": ScoreRequest(pre_v, keep_all=True)}, device=device)
+    # one read per (chunk, layer): the three query sets share the pass
+    assert sorted(reads) == sorted((x.name, *fitted.layout.chunk_range(c))
+                                   for c in range(fitted.layout.n_chunks) for x in LAYERS)
+    for key, pre, k in (("q", pre_q, 4), ("tok", pre_t, 2)):
+        want_v, want_i = reference_top_k(full_scores(fitted, pre), k)
+        np.testing.assert_array_equal(res[key].indices, want_i)
+        assert_scores_close(res[key].values, want_v)
+    assert_scores_close(matrix, full_scores(fitted, pre_q))
+    assert_scores_close(res["value"].scores, full_scores(fitted, pre_v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_self_influence_and_valuation_match_the_full_matrix(fitted, device):
+    q = from_store(fitted, fitted)  # every training row as a query
+    pre = precondition(load_factors(fitted), q.grads)
+    full = full_scores(fitted, pre)
+    # float64 throughout (triangular solves of float32 rows): round-off only
+    np.testing.assert_allclose(self_influence(fitted, device=device), np.diag(full), rtol=1e-9)
+    targets = {k: v[[2, 5, 11]] for k, v in q.grads.items()}
+    assert_scores_close(valuation(fitted, targets, device=device), full[[2, 5, 11]].sum(0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_read_ahead_yields_every_chunk_in_order_exactly_decoded(tmp_path, dtype, device):
+    store = random_store(tmp_path, n=29, chunk_rows=5, dtype=dtype)
+    jobs = chunk_jobs(store, [4, 0, 5, 2], store.layer_names)
+    seen = []
+    for job, rows in read_ahead(store, jobs, device=torch.device(device), depth=3):
+        seen.append(job.c)
+        for name, t in rows.items():
+            assert t.dtype == torch.float32 and t.device.type == device
+            # decoding is exact (every storage dtype fits float32): the store's own decoder
+            np.testing.assert_array_equal(t.cpu().numpy(),
+                                          store.read_rows(name, job.start, job.stop))
+    assert seen == [4, 0, 5, 2]
+
+
+def test_float16_decoder_is_exact_for_every_bit_pattern():
+    from types import SimpleNamespace
+
+    from grass_llm.influence.reader import decode_rows
+
+    store = SimpleNamespace(layout=SimpleNamespace(dtype="float16"))
+    bits = np.arange(65536, dtype=np.uint16)
+    want = bits.view(np.float16).astype(np.float64)
+    finite = np.isfinite(want)
+    for dtype in (torch.float32, torch.float64):
+        got = decode_rows(store, bits[finite].view(np.float16).reshape(-1, 8), dtype).ravel()
+        assert got.dtype == (np.float32 if dtype == torch.float32 else np.float64)
+        np.testing.assert_array_equal(got, want[finite])  # bit for bit, -0.0 and subnormals
+        assert (np.signbit(got) == np.signbit(want[finite])).all()
+    with_inf = decode_rows(store, bits.view(np.float16), torch.float32)  # inf/NaN: exact too
+    np.testing.assert_array_equal(np.isnan(with_inf), np.isnan(want))
+    np.testing.assert_array_equal(with_inf[~np.isnan(want)], want[~np.isnan(want)])
+
+
+def test_chunks_split_into_layer_groups_score_the_same(fitted, monkeypatch):
+    from grass_llm.influence import score as score_mod
+
+    gen = torch.Generator().manual_seed(9)
+    pre = precondition(load_factors(fitted),
+                       {x.name: torch.randn(3, x.k, generator=gen) for x in LAYERS})
+    whole = stream_top_k(fitted, pre, 6, device="cpu")
+    jobs = []
+    real = score_mod.chunk_jobs
+
+    def one_layer_per_job(*a, **kw):
+        jobs.extend(real(*a, max_bytes=1))
+        return jobs
+
+    monkeypatch.setattr(score_mod, "chunk_jobs", one_layer_per_job)
+    split = stream_top_k(fitted, pre, 6, device="cpu")
+    assert len(jobs) == len(LAYERS) * fitted.layout.n_chunks
+    np.testing.assert_array_equal(split[1], whole[1])
+    assert_scores_close(split[0], whole[0])

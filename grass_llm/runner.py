@@ -160,7 +160,7 @@ def _execution(cfg, info, name, tok, corpus) -> dict:
     return {"config": cfg.execution_dict(), "model": {"name": name},
             "tokenizer": {"name": getattr(tok, "name_or_path", "")},
             # the skipped records' locations name the data's path: a session record
-            "dataset": {"path": cfg.data, "corpus_cache": str(corpus.path),
+            "dataset": {"path": cfg.data, "corpus_path": str(corpus.path),
                         "skipped": [dataclasses.asdict(s)
                                     for s in corpus.skipped[:_MAX_SKIPPED_RECORDED]]},
             "run": {"world_size": info.world_size, "local_world_size": info.local_world_size,

@@ -4,11 +4,9 @@ seeing a rank-0 failure. All multi-process runs go through tests/strict_main (st
 collectives)."""
 
 import json
-import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 

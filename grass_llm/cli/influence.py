@@ -1,0 +1,192 @@
+"""Commands on a finished store: fisher, query, self-influence, value."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from grass_llm.cli._app import app, console, _fail
+
+
+DEVICE_HELP = ("auto (this process's GPU when there is one, else the CPU), cpu, cuda or "
+               "cuda:N.")
+
+
+def _progress_bar(info, label: str):
+    """A rich progress bar on rank 0 (a no-op context elsewhere) and its update callback."""
+    from contextlib import nullcontext
+
+    from rich.progress import Progress
+
+    if not info.is_main:
+        return nullcontext(), None
+    bar = Progress(console=console, transient=True)
+    task = bar.add_task(label, total=None)
+    return bar, lambda done, total: bar.update(task, total=total, completed=done)
+
+
+@app.command()
+def fisher(
+    store: str = typer.Argument(..., help="Path or URL of a complete gradient store."),
+    damping: float = typer.Option(0.1, help="Damping: a multiple of tr(F)/k per block "
+                                            "(relative) or the value itself (absolute)."),
+    damping_mode: str = typer.Option("relative", help="relative or absolute."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    precision: str = typer.Option("auto", help="Gram GEMM dtype: auto (float64 on CPU and on "
+                                               "GPUs with fast float64, else float32 tiles "
+                                               "summed in float64), float64 or float32."),
+) -> None:
+    """Fit the per-layer Fisher F = (1/n) sum g g^T (summed in float64), damp it, store its
+    Cholesky factors as a new fit (the previous fit stays current until the new one is
+    complete), and report each block's damping and condition number. Under torchrun /
+    accelerate launch the ranks split the rows, and each block is factored by one rank."""
+    from grass_llm.influence import compute_fisher
+    from grass_llm.influence.fisher import ILL_CONDITIONED
+    from grass_llm.parallel import init_distributed
+    from grass_llm.parallel.comm import RankFailure
+    from grass_llm.store import StoreError, open_store
+
+    info = init_distributed()
+    bar, update = _progress_bar(info, "fisher")
+    try:
+        st = open_store(store, mode="r+")
+        with bar:
+            report = compute_fisher(st, damping=damping, mode=damping_mode, device=device,
+                                    precision=precision, progress=None if update is None else
+                                    lambda name, i, t: update(i, t))
+    except (StoreError, ValueError, RankFailure) as err:
+        _fail(err)
+    if not info.is_main:
+        return
+    table = Table(title=f"Fisher blocks of {store} (damping {damping}, {damping_mode})")
+    for col in ("layer", "lambda", "trace", "condition"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for name, r in report.items():
+        table.add_row(name, f"{r['lambda']:.3e}", f"{r['trace']:.3e}", f"{r['condition']:.2e}")
+    console.print(table)
+    bad = [n for n, r in report.items() if r["ill_conditioned"]]
+    if bad:
+        console.print(f"[yellow]warning:[/yellow] {len(bad)} block(s) have condition number > "
+                      f"{ILL_CONDITIONED:.0e} (e.g. {bad[0]}); consider a larger --damping")
+    loose = [n for n, r in report.items() if r["condition_rel_error"] > 0.01]
+    if loose:
+        console.print(f"note: the condition estimate of {len(loose)} block(s) is uncertain "
+                      f"by more than 1% (e.g. {loose[0]}); see `condition_rel_error` in the "
+                      "fit's report")
+
+
+@app.command()
+def query(
+    store: str = typer.Argument(..., help="Gradient store with Fisher factors."),
+    queries: str = typer.Option(None, help="Query file (same formats and fields as a corpus: "
+                                           "text, prompt+completion or messages)."),
+    query_store: str = typer.Option(None, help="A store cached from the queries with the same "
+                                               "config (no model needed)."),
+    top_k: int = typer.Option(10, help="Training examples to report per query (and token)."),
+    per_token: bool = typer.Option(False, help="Also the top-k of each query token "
+                                               "(token-level influence), in the same pass."),
+    token_mode: str = typer.Option("loss", help="Per-token rows: loss (each target token's "
+                                                "own loss gradient) or position (each "
+                                                "position's term of the query gradient)."),
+    out: str = typer.Option("influence.jsonl", help="Output JSONL, one line per query."),
+    matrix: str = typer.Option(None, help="Also write the full [queries, n] score matrix to "
+                                          "this Zarr array path."),
+    model: str = typer.Option(None, help="Model path, if it moved since the store was made "
+                                         "(it must be the same weights)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    max_tokens: int = typer.Option(None, help="Padded tokens per query forward/backward "
+                                              "(default: the store's max_tokens)."),
+) -> None:
+    """Top-k most influential training examples for each query (and each query token), in one
+    pass over the store. Under torchrun / accelerate launch the ranks split the query batches,
+    the layers' solves and the store's row chunks; rank 0 writes the results."""
+    from grass_llm.influence.cli_query import run_query
+    from grass_llm.parallel import init_distributed
+    from grass_llm.parallel.comm import RankFailure
+    from grass_llm.store import StoreError
+
+    info = init_distributed()
+    bar, update = _progress_bar(info, "scoring")
+    try:
+        with bar:
+            run_query(console, store, queries=queries, query_store=query_store, top_k=top_k,
+                      per_token=per_token, token_mode=token_mode, out=out, matrix=matrix,
+                      model=model, device=device, max_tokens=max_tokens, progress=update)
+    except (StoreError, ValueError, FileNotFoundError, RankFailure) as err:
+        _fail(err)
+
+
+@app.command("self-influence")
+def self_influence_cmd(
+    store: str = typer.Argument(..., help="Gradient store with Fisher factors."),
+    out: str = typer.Option("self_influence.jsonl", help="Output JSONL, one line per example."),
+    show: int = typer.Option(10, help="Print the examples with the highest self-influence."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+) -> None:
+    """s(i, i) for every training example: high values flag outliers and mislabeled data.
+    Under torchrun / accelerate launch the ranks split the row chunks."""
+    from grass_llm.influence import self_influence
+    from grass_llm.influence.cli_query import write_ranked
+    from grass_llm.parallel import init_distributed
+    from grass_llm.parallel.comm import RankFailure
+    from grass_llm.store import StoreError, open_store
+
+    info = init_distributed()
+    bar, update = _progress_bar(info, "self-influence")
+    try:
+        st = open_store(store)
+        with bar:
+            scores = self_influence(st, device=device, progress=update)
+    except (StoreError, ValueError, RankFailure) as err:
+        _fail(err)
+    if not info.is_main:
+        return
+    write_ranked(console, st, scores, out, key="self_influence", ranked=False, show=show,
+                 title=f"highest self-influence of {len(scores):,} examples (all in {out})")
+
+
+@app.command()
+def value(
+    store: str = typer.Argument(..., help="Gradient store with Fisher factors."),
+    targets: str = typer.Option(None, help="Target set file (corpus format)."),
+    target_store: str = typer.Option(None, help="A store cached from the targets."),
+    select: float = typer.Option(None, help="Write the ids of this top fraction (0-1]."),
+    out: str = typer.Option("values.jsonl", help="Output JSONL, ranked, one line per example."),
+    select_out: str = typer.Option("selected_ids.txt", help="Where --select writes the ids."),
+    model: str = typer.Option(None, help="Model path, if it moved since the store was made."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+) -> None:
+    """Data valuation: each training example's total influence on a target set, ranked.
+    Under torchrun / accelerate launch the ranks split the target batches and the row
+    chunks."""
+    from grass_llm.influence import from_file, from_store, valuation
+    from grass_llm.influence.cli_query import row_ids, write_ranked
+    from grass_llm.parallel import init_distributed
+    from grass_llm.parallel.comm import RankFailure
+    from grass_llm.store import StoreError, open_store
+
+    if (targets is None) == (target_store is None):
+        _fail(ValueError("give exactly one of --targets or --target-store"))
+    if select is not None and not 0 < select <= 1:
+        _fail(ValueError(f"--select must be in (0, 1], got {select}"))
+    info = init_distributed()
+    bar, update = _progress_bar(info, "valuation")
+    try:
+        st = open_store(store)
+        q = (from_store(st, open_store(target_store)) if target_store
+             else from_file(st, targets, model_path=model, device=device))
+        with bar:
+            values = valuation(st, q.grads, device=device, progress=update)
+    except (StoreError, ValueError, FileNotFoundError, RankFailure) as err:
+        _fail(err)
+    if not info.is_main:
+        return
+    order = write_ranked(console, st, values, out, key="value", ranked=True, show=0)
+    msg = f"valued {len(values):,} examples against {len(q.ids)} target(s): {out}"
+    if select is not None:
+        n_sel = max(1, int(round(select * len(values))))
+        ids = row_ids(st, order[:n_sel])
+        with open(select_out, "w") as f:
+            f.writelines(ids[i] + "\n" for i in order[:n_sel])
+        msg += f"; top {n_sel} ids in {select_out}"
+    console.print(msg, highlight=False, soft_wrap=True)

@@ -298,12 +298,15 @@ def _store(cfg: PlanConfig, lays: list[LayerPlan]) -> dict:
 
 
 def _fisher(cfg: PlanConfig, lays: list[LayerPlan], store: dict) -> dict:
-    """compute_fisher: a float64 Gram per layer (one at a time), every layer's k x k float64
-    Cholesky factor kept until rank 0 writes them, ``fisher/<layer>`` arrays in the store."""
+    """compute_fisher: float64 Grams of a group of min(ranks, 8) layers at a time on every
+    rank, each block reduced to its owner rank, which factors, writes and frees it."""
     blocks = sum(x.k ** 2 for x in lays) * 8
     kmax = max(x.k for x in lays)
     flops = 2.0 * store["rows"] * sum(x.k ** 2 for x in lays)
-    return {"bytes": blocks, "peak_ram_bytes": blocks + 3 * kmax ** 2 * 8, "gemm_flops": flops,
+    group = min(max(1, cfg.gpus), 8, len(lays))
+    # the group's partial Grams, plus the owned block's damped copy and factor
+    peak = (group + 2) * kmax ** 2 * 8
+    return {"bytes": blocks, "peak_ram_bytes": peak, "group": group, "gemm_flops": flops,
             "hours_one_rank": flops / (cfg.fisher_gflops * 1e9) / 3600,
             "read_hours_one_reader": store["total_bytes"] / (cfg.read_gbps * 1e9) / 3600,
             "query_pass_hours": store["grad_bytes"] / (cfg.read_gbps * 1e9) / 3600}

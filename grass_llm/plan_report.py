@@ -61,8 +61,9 @@ def render(plan: Plan) -> list:
 
     fi = _table("Fisher (grass-llm fisher: per-layer k x k float64 Cholesky factors)")
     fi.add_row("factors in the store", fmt_bytes(f["bytes"]), "exact: sum of k^2 x 8 B")
-    fi.add_row("RAM while fitting", fmt_bytes(f["peak_ram_bytes"]),
-               "every factor is held until rank 0 writes them; also what a query loads")
+    fi.add_row("memory per rank while fitting", fmt_bytes(f["peak_ram_bytes"]),
+               f"exact: the partial Grams of {f['group']} layers at a time + the owned "
+               "block's factorization; a query loads one factor at a time")
     fi.add_row("Gram GEMMs", f"{f['gemm_flops']:.2e} FLOP",
                f"est. {f['hours_one_rank']:,.2f} h on 1 rank at {c['fisher_gflops']:,.0f} "
                f"GFLOP/s (assumed), /{c['gpus']} = {f['hours_one_rank'] / c['gpus']:,.2f} h "

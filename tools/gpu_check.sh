@@ -12,6 +12,11 @@
 #   6. tools/bench_kernels.py --vs-matmul: CUDA events over 100 back-to-back calls next to the
 #      layer's own x @ W^T, Llama-3.1-8B's q, k/v, down shapes, B = 8, T = 1024 (per token 256)
 #   7. tools/bench_capture.py on 8 Llama-3.1-8B layers (bf16), fused kernels, 8. the reference
+# and, between 3 and 4: the distributed path on NCCL (tests/test_gpu_dist.py: a one-rank FSDP2
+# and TP mesh, the weights' broadcast, the Fisher's reduce to owner ranks and the scoring's
+# gather, under the strict collectives, equal to a CPU store), the influence tests on CUDA,
+# and at the end bench_fisher / bench_query on CUDA. The machine lacks zarr: run
+# `bash tools/gpu_wheels.sh` here first and carry .whl (they are installed into /tmp/site).
 # A failed or timed-out step is recorded and the rest still run. The summary is one markdown
 # table in $OUT/gpu_check.md (default out/gpu_check/), followed by each step's output; the full
 # log is $OUT/gpu_check.log. --cpu-dry-run runs every step that needs no GPU on the CPU (small
@@ -108,6 +113,11 @@ sanitize() {  # sanitize TOOL: the CUDA tests of every kernel under compute-sani
     -k "cuda and (production or reproducible or no_coordinates or sjlt_and_transpose)"
 }
 
+if [[ -d .whl ]] && ! "$PY" -c "import zarr" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
 export PY
 export -f env_info sanitize  # `timeout` runs commands, not functions: bash -c NAME runs them
 TESTS=(tests/test_kernels.py tests/test_kernels_build.py)
@@ -130,6 +140,10 @@ else
   # the emulation tests are CPU checks (CI runs them); the GPU's time goes to the GPU
   step "kernel tests on CPU and CUDA" 150 env GRASS_LLM_KERNELS=extension \
     "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}" -k "not emulation"
+  step "NCCL: one-rank FSDP2/TP cache, Fisher reduce, query gather = CPU" 150 \
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_dist.py
+  step "influence tests on CUDA (Fisher, scoring)" 120 "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_fisher.py tests/test_scoring.py -k "cuda or float32_tile or gram_precision"
   if command -v compute-sanitizer >/dev/null; then
     step "compute-sanitizer memcheck (CUDA tests)" 90 bash -c "sanitize memcheck"
     step "compute-sanitizer racecheck (CUDA tests)" 90 bash -c "sanitize racecheck"
@@ -145,6 +159,9 @@ else
   step "bench_capture, same, pure-torch reference" 80 env GRASS_LLM_KERNELS=reference \
     "$PY" "${CAPTURE[@]}" --model llama3-8b --num-layers 8 --device cuda --dtype bfloat16 \
     --docs 16 --seq 1024 --batch 8 --repeats 3
+  step "bench_fisher on CUDA" 120 "$PY" tools/bench_fisher.py --device cuda --rows 16384 --exact
+  step "bench_query on CUDA" 180 "$PY" tools/bench_query.py --device cuda --procs 1 \
+    --rows 16384 --tokens 4096
 fi
 
 {

@@ -4,16 +4,18 @@ One step of the cache job = forward + backward of the model with the capture hoo
 host-side row handling and the store write. Measured per step, medians over the repeats:
 
   model forward      forward of the model alone: the floor run's forward (no hooks)
+  loss               the per-example loss on the logits (the floor run's)
   model backward     backward of the model alone: the floor run's backward (no hooks)
   forward hooks      time inside the capture's forward hooks (feature gathers), all layers
   backward hooks     time inside the tensor hooks on each layer's output gradient (the
                      FactGraSS reduction, fused with its SJLT on the extension path), per layer
                      kind (q/k/v/o/gate/up/down)
-  hook overhead      what the hooked forward + backward take beyond the floor and the hooks'
-                     own time (autograd hook dispatch, Python between layers, lost overlap)
+  hook overhead      what the hooked step takes beyond the floor and the hooks' own time
+                     (autograd hook dispatch, Python between layers, the capture's set-up)
   row handling       cache_loop's stage_batch + placing the rows into the chunk's buffer
-  store write        GradientStore.write_chunk of the batch's rows (float16, local disk; the
-                     runner does this in a background thread)
+  store write        GradientStore.write_chunk of one chunk (float16, local disk, fsync),
+                     spread over the steps that fill it (the runner writes in a background
+                     thread)
 
 The floor and the hooked step run on the same batches, interleaved within each repeat.
 """
@@ -76,34 +78,33 @@ class _Timed(GradientCapture):
 
 
 def _fwd_bwd(model, ids, acc: dict, hooked) -> object:
-    """One forward + backward, timed apart; ``hooked`` = the capture (its own step) or None."""
+    """One forward + loss + backward, timed apart by hooks on the root module; ``hooked`` = the
+    capture (its own step) or None (the floor: frozen weights, no hooks)."""
+    marks = {}
+    pre = model.register_forward_pre_hook(lambda *a: marks.__setitem__("a", time.perf_counter()))
+    post = model.register_forward_hook(lambda *a: marks.__setitem__("b", time.perf_counter()))
     _sync()
     t0 = time.perf_counter()
-    if hooked is not None:
-        # the capture's own step, with the forward timed by hooks on the root module
-        marks = {}
-        pre = model.register_forward_pre_hook(lambda *a: marks.__setitem__("a", time.perf_counter()))
-        post = model.register_forward_hook(lambda *a: marks.__setitem__("b", time.perf_counter()))
-        try:
-            out = hooked(ids)
-        finally:
-            pre.remove()
-            post.remove()
-        _sync()
-        t1 = time.perf_counter()
-        acc["hooked forward"] += marks["b"] - marks["a"]
-        acc["hooked step"] += t1 - t0
-        return out
-    handle = model.get_input_embeddings().register_forward_hook(_embedding_leaf)
     try:
-        loss, _ = per_example_loss(model(input_ids=ids, use_cache=False).logits, ids)
-        _sync()
-        t1 = time.perf_counter()
-        loss.sum().backward()
-        _sync()
+        if hooked is not None:
+            out = hooked(ids)
+            _sync()
+            acc["hooked step"] += time.perf_counter() - t0
+            return out
+        handle = model.get_input_embeddings().register_forward_hook(_embedding_leaf)
+        try:
+            loss, _ = per_example_loss(model(input_ids=ids, use_cache=False).logits, ids)
+            _sync()
+            t1 = time.perf_counter()
+            loss.sum().backward()
+            _sync()
+        finally:
+            handle.remove()
     finally:
-        handle.remove()
-    acc["model forward"] += t1 - t0
+        pre.remove()
+        post.remove()
+    acc["model forward"] += marks["b"] - marks["a"]
+    acc["loss"] += t1 - marks["b"]
     acc["model backward"] += time.perf_counter() - t1
     return None
 
@@ -116,19 +117,38 @@ def _store(cap, rows: int, tmp: str):
     return create_store(f"{tmp}/p.zarr", layout, {"profile": True}, overwrite=True)
 
 
-def profile(model, batches, spec: str, repeats: int) -> list[tuple[str, float]]:
-    """``[(component, seconds per step)]`` (medians over repeats), plus the step total."""
+def _write_seconds(cap, chunk_rows: int, repeats: int) -> float:
+    """Median seconds of writing one chunk of ``chunk_rows`` rows (float16, local disk)."""
+    names = list(cap.compressors)
+    gen = torch.Generator().manual_seed(0)
+    grads = {n: torch.randn(chunk_rows, cap.compressors[n].k, generator=gen).half()
+             for n in names}
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = _store(cap, chunk_rows, tmp)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            store.write_chunk(0, grads, [str(i) for i in range(chunk_rows)],
+                              np.ones(chunk_rows), np.zeros(chunk_rows))
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def profile(model, batches, spec: str, repeats: int,
+            chunk_rows: int = 256) -> list[tuple[str, float]]:
+    """``[(component, seconds per step)]`` (medians over repeats), plus the step total. The
+    store write is one ``chunk_rows``-row chunk's write spread over the steps that fill it."""
     cap = _Timed(model, spec, seed=0)
     names = list(cap.compressors)
     pinned = next(model.parameters()).device.type == "cuda"
     per_repeat: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp, cap:
-        store = _store(cap, batches[0].shape[0], tmp)
-        for r in range(repeats + 1):  # the first pass warms up
-            acc: dict[str, float] = defaultdict(float)
+    for r in range(repeats + 1):  # the first pass warms up
+        acc: dict[str, float] = defaultdict(float)
+        for ids in batches:  # the floor, with the capture's hooks off
+            _fwd_bwd(model, ids, acc, None)
+        with cap:
             cap.acc = acc
             for ids in batches:
-                _fwd_bwd(model, ids, acc, None)
                 out = _fwd_bwd(model, ids, acc, cap)
                 B = ids.shape[0]
                 t = time.perf_counter()
@@ -136,28 +156,22 @@ def profile(model, batches, spec: str, repeats: int) -> list[tuple[str, float]]:
                                    torch.float16)
                 buf.place(stage_batch(0, np.arange(B), out, names, torch.float16, pinned))
                 acc["row handling"] += time.perf_counter() - t
-                if B == store.layout.chunk_rows:
-                    t = time.perf_counter()
-                    offs = np.cumsum([0] + [cap.compressors[n].k for n in names])
-                    store.write_chunk(0, {n: buf.rows[:, offs[j]:offs[j + 1]]
-                                          for j, n in enumerate(names)},
-                                      [str(i) for i in range(B)], buf.n, buf.loss)
-                    acc["store write"] += time.perf_counter() - t
-            if r:
-                per_repeat.append({k: v / len(batches) for k, v in acc.items()})
+        if r:
+            per_repeat.append({k: v / len(batches) for k, v in acc.items()})
     med = {k: statistics.median(d.get(k, 0.0) for d in per_repeat) for k in per_repeat[0]}
+    write = _write_seconds(cap, chunk_rows, max(3, repeats)) * batches[0].shape[0] / chunk_rows
     fwd_hooks = med.get("forward hooks", 0.0)
     bwd = {k: v for k, v in med.items() if k.startswith("backward hooks")}
-    hooked_bwd = med["hooked step"] - med["hooked forward"]
-    overhead = (med["hooked forward"] - fwd_hooks - med["model forward"]) + (
-        hooked_bwd - sum(bwd.values()) - med["model backward"])
-    rows = [("model forward", med["model forward"]), ("model backward", med["model backward"]),
-            ("forward hooks", fwd_hooks), *sorted(bwd.items()),
-            ("hook overhead", overhead), ("row handling", med["row handling"]),
-            ("store write", med.get("store write", 0.0))]
+    floor = med["model forward"] + med["loss"] + med["model backward"]
+    overhead = med["hooked step"] - floor - fwd_hooks - sum(bwd.values())
+    rows = [("model forward", med["model forward"]), ("loss", med["loss"]),
+            ("model backward", med["model backward"]), ("forward hooks", fwd_hooks),
+            *sorted(bwd.items()), ("hook overhead", overhead),
+            ("row handling", med["row handling"]),
+            (f"store write (one {chunk_rows}-row chunk, per step)", write)]
     rows.append(("step total (hooked step + rows + write)",
-                 med["hooked step"] + med["row handling"] + med.get("store write", 0.0)))
-    rows.append(("floor step (forward + backward)", med["model forward"] + med["model backward"]))
+                 med["hooked step"] + med["row handling"] + write))
+    rows.append(("floor step (forward + loss + backward)", floor))
     return rows
 
 

@@ -6,7 +6,10 @@ tokenizer, 4 in 5 plain text and 1 in 5 prompt/completion) and each number of ra
 fresh rank processes (``torch.distributed.run``, gloo) and measures per rank the seconds of
 ``open_or_build`` cold (empty cache) and on resume (cache present), and the peak host RSS of
 the rank process and of its tokenizing workers; the old path is measured at the sizes where it
-fits in memory (``--old-max``). Seconds on a shared machine are noisy; peak RSS is not.
+fits in memory (``--old-max``). With ``--first-step`` it also runs the real ``grass-llm cache``
+job (SmolLM2-135M; FSDP2 when there are 2 ranks) on the corpus and measures, per rank, the
+seconds from the rank's start to the start of its first step and its peak RSS until then, cold (no
+corpus cache, no store) and resumed. Seconds on a shared machine are noisy; peak RSS is not.
 Prints a markdown table.
 
 Peak RSS is each process's own ``VmHWM`` (/proc/<pid>/status), not ``ru_maxrss``: Linux
@@ -114,8 +117,48 @@ def make_corpus(path: Path, n: int, seed: int = 0) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+class _FirstStep(Exception):
+    """Raised at the cache job's first step: what the first-step job measures ends there."""
+
+
+def first_step_job(args, t_start: float) -> dict:
+    """One rank of ``grass-llm cache`` (SmolLM2-135M, FSDP2 over the ranks) on the corpus, up
+    to the start of its first step (everything before the loop: model, corpus, identities,
+    store, sharding, plan): seconds since the rank started and its peak RSS until then (the
+    step's own activations are the model's, not the corpus')."""
+    from grass_llm import cache_loop
+    from grass_llm.config import RunConfig
+    from grass_llm.parallel import comm
+    from grass_llm.runner import run_cache
+
+    mark = {}
+
+    def first(self, cap, idx):
+        mark["seconds"], mark["rss"] = time.perf_counter() - t_start, _hwm_mb()
+        raise _FirstStep
+
+    cache_loop.CacheLoop._compute = first
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = RunConfig(model="smollm2", data=args.data, out=str(Path(args.cache) / "store.zarr"),
+                    compressor="factgrass:k=256,k_in=16,k_out=16", max_length=args.max_length,
+                    max_tokens=max(2048, args.max_length), chunk_rows=1024,
+                    parallel="fsdp" if ranks > 1 else "none")
+    try:
+        run_cache(cfg, progress=False)
+    except _FirstStep:
+        pass
+    comm.barrier()
+    return {"rank": comm.rank(), "seconds": mark["seconds"], "rss_mb": mark["rss"],
+            "base_rss_mb": 0.0, "workers_rss_mb": 0.0, "n": 0, "tokens": 0}
+
+
 def rank_job(args) -> None:
     """One rank: the measurement named by ``args.job``; writes ``rank<r>.json``."""
+    t_start = time.perf_counter()
+    if args.job == "first-step":
+        out = first_step_job(args, t_start)
+        Path(args.out, f"rank{out['rank']}.json").write_text(json.dumps(out))
+        return
     from grass_llm.parallel import comm
     from grass_llm.parallel.dist import init_distributed
 
@@ -167,6 +210,9 @@ def launch(job: str, ranks: int, data: Path, cache: Path, args) -> list[dict]:
         cmd += ["--num-proc", str(args.num_proc)]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
+    if job == "first-step":  # the job's caches (corpus, store) in ``cache``; the model's shared
+        env["GRASS_LLM_CACHE"] = str(cache)
+        _link_model_cache(cache)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{job} with {ranks} ranks failed:\n{done.stdout}\n{done.stderr}")
@@ -175,11 +221,26 @@ def launch(job: str, ranks: int, data: Path, cache: Path, args) -> list[dict]:
     return results
 
 
+def _link_model_cache(cache: Path) -> None:
+    """The converted SmolLM2 (from the usual cache root) visible under ``cache`` too, so that a
+    cold first-step run rebuilds the corpus cache, not the model conversion."""
+    from grass_llm.models import cache_root, load_smollm2
+
+    src = cache_root() / "smollm2-135m-instruct"
+    if not (src / "config.json").is_file():
+        load_smollm2()
+    cache.mkdir(parents=True, exist_ok=True)
+    link = cache / "smollm2-135m-instruct"
+    if not link.exists():
+        link.symlink_to(src, target_is_directory=True)
+
+
 def _row(size: int, ranks: int, what: str, results: list[dict]) -> str:
     def per_rank(key, fmt="{:.0f}"):
         return " / ".join(fmt.format(r[key]) for r in results)
 
-    return (f"| {size:,} | {results[0]['tokens']:,} | {ranks} | {what} | "
+    tokens = f"{results[0]['tokens']:,}" if results[0]["tokens"] else "—"
+    return (f"| {size:,} | {tokens} | {ranks} | {what} | "
             f"{per_rank('seconds', '{:.1f}')} | {per_rank('rss_mb')} | "
             f"{per_rank('base_rss_mb')} | {results[0]['workers_rss_mb']:.0f} |")
 
@@ -195,6 +256,10 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--num-proc", type=int, default=None,
                    help="tokenizing processes (default: every core)")
+    p.add_argument("--first-step", action="store_true",
+                   help="also time the whole `grass-llm cache` job (SmolLM2-135M, FSDP2 over "
+                        "the ranks, the real runner) from rank start to the end of its first "
+                        "step, cold (no corpus cache, no store) and resumed")
     p.add_argument("--workdir", default=None, help="where corpora and caches go (default: a "
                    "temporary folder, removed at the end)")
     p.add_argument("--rank-job", default=None, help=argparse.SUPPRESS)
@@ -221,8 +286,14 @@ def main() -> None:
             for ranks in (int(r) for r in args.ranks.split(",")):
                 cache = work / f"cache_{size}_{ranks}"
                 shutil.rmtree(cache, ignore_errors=True)
-                for what, job in (("cache, cold", "corpus"), ("cache, resume", "corpus")) + (
-                        (("old path", "old"),) if size <= args.old_max else ()):
+                jobs = (("cache, cold", "corpus"), ("cache, resume", "corpus")) + (
+                    (("old path", "old"),) if size <= args.old_max else ())
+                if args.first_step:
+                    jobs += (("cache job until its 1st step, cold", "first-step"),
+                             ("cache job until its 1st step, resume", "first-step"))
+                for what, job in jobs:
+                    if what.endswith("1st step, cold"):
+                        shutil.rmtree(cache, ignore_errors=True)
                     rows.append(_row(size, ranks, what, launch(job, ranks, data, cache, args)))
                     print(rows[-1], flush=True)
                 shutil.rmtree(cache, ignore_errors=True)

@@ -10,7 +10,6 @@ a killed run resumes from ``pending_chunks()`` and ends identical to an uninterr
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -28,6 +27,14 @@ from grass_llm.store.layout import (
     NONFINITE_POLICIES,
     StoreLayout,
 )
+from grass_llm.store.runid import (
+    IDENTITY_VERSION,
+    canonical,
+    merged_meta,
+    new_session,
+    describe_diff,
+    store_identity,
+)
 
 _ZARR_DTYPE = {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}
 
@@ -42,43 +49,6 @@ class StoreMismatchError(StoreError):
 
 class NonFiniteGradientError(StoreError):
     """A gradient row holds NaN/Inf (or overflows the storage dtype)."""
-
-
-def _canonical(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-
-
-# How ``store_identity`` is computed; a store written under another scheme cannot be resumed.
-IDENTITY_VERSION = 2
-
-
-def store_identity(layout: StoreLayout, meta: Mapping) -> str:
-    """Hash of everything that must match for a rerun to resume this store: the layout and the
-    identity ``meta`` (what changes the numbers). Execution details (paths, batch budget,
-    sharding, code version) are session records, not part of it."""
-    h = hashlib.sha256()
-    h.update(_canonical({"layout": layout.to_attrs(), "meta": meta,
-                         "identity_version": IDENTITY_VERSION}).encode())
-    if layout.token_counts:  # millions of ints: hashed as bytes, not through JSON
-        h.update(np.asarray(layout.token_counts, dtype=np.int64).tobytes())
-    return h.hexdigest()
-
-
-def _session(execution: Mapping | None) -> dict:
-    return {"started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "grass_llm_version": grass_llm.__version__, **json.loads(_canonical(execution or {}))}
-
-
-def _merged(meta: Mapping, session: Mapping) -> dict:
-    """The identity meta with the latest session's execution details laid over it (one level
-    deep: ``config``, ``model``, ``dataset``... gain their execution keys)."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in meta.items()}
-    for key, value in session.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key].update(value)
-        elif key not in out:
-            out[key] = value
-    return out
 
 
 def _exists(url: str) -> bool:
@@ -109,9 +79,9 @@ def create_store(url: str | os.PathLike, layout: StoreLayout, meta: Mapping, *,
         StoreMismatchError: a store of another run exists at ``url`` and overwrite is False.
     """
     url = str(url)
-    meta = json.loads(_canonical(meta))  # what the store will hold, exactly
+    meta = json.loads(canonical(meta))  # what the store will hold, exactly
     ident = store_identity(layout, meta)
-    session = _session(execution)
+    session = new_session(execution)
     if _exists(url):
         existing = GradientStore(url, mode="r+")
         if existing.identity == ident:
@@ -126,7 +96,7 @@ def create_store(url: str | os.PathLike, layout: StoreLayout, meta: Mapping, *,
                 "or pass --overwrite to replace it")
         if not overwrite:
             raise StoreMismatchError(
-                f"{url} holds a store of a different run ({_describe_diff(existing, layout, meta)})"
+                f"{url} holds a store of a different run ({describe_diff(existing, layout, meta)})"
                 "; rerun with the same configuration to resume it, or pass --overwrite to "
                 "replace it")
     group = zarr.open_group(url, mode="w")
@@ -170,33 +140,6 @@ def create_store(url: str | os.PathLike, layout: StoreLayout, meta: Mapping, *,
     return GradientStore(url, mode="r+")
 
 
-def _describe_diff(existing: GradientStore, layout: StoreLayout, meta: Mapping) -> str:
-    diffs = []
-    old_layout = existing.attrs["layout"]
-    for key, value in layout.to_attrs().items():
-        if old_layout.get(key) != value:
-            diffs.append(f"layout.{key}")
-    old_meta = existing.attrs.get("meta", {})
-    for key in sorted(set(old_meta) | set(meta)):
-        old, new = old_meta.get(key), meta.get(key)
-        if _canonical(old) == _canonical(new):
-            continue
-        if isinstance(old, dict) and isinstance(new, dict):  # name the field: meta.config.seed
-            diffs += [f"meta.{key}.{sub} ({_short(old.get(sub))} -> {_short(new.get(sub))})"
-                      for sub in sorted(set(old) | set(new))
-                      if _canonical(old.get(sub)) != _canonical(new.get(sub))][:5]
-        else:
-            diffs.append(f"meta.{key}")
-    if not diffs:
-        diffs.append("token counts")
-    return "differs in " + ", ".join(diffs)
-
-
-def _short(value, width: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
 def open_store(url: str | os.PathLike, mode: str = "r") -> GradientStore:
     """Open an existing store for reading (``"r"``) or for writing chunks (``"r+"``)."""
     return GradientStore(str(url), mode=mode)
@@ -226,7 +169,7 @@ class GradientStore:
         self.layout = StoreLayout.from_attrs(self.attrs["layout"], counts)
         self.identity = self.attrs["identity"]
         self.sessions = list(self.attrs.get("sessions", []))
-        self.meta = _merged(self.attrs.get("meta", {}),
+        self.meta = merged_meta(self.attrs.get("meta", {}),
                             self.sessions[-1] if self.sessions else {})
         self._local_root = _local_root(self.group)
         self._arrays: dict[str, zarr.Array] = {}

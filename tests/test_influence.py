@@ -40,15 +40,39 @@ LAYERS = (LayerInfo("l.a", "factgrass:c=1,k=5,k_in=3,k_out=2", 1, 5, 4, 3, False
 
 
 def random_store(tmp_path, n=23, chunk_rows=4, seed=0, name="s.zarr", layers=LAYERS,
-                 dtype="float32"):
+                 dtype="float32", zero_rows=(), token_counts=None, token_chunk_rows=5):
+    """Random rows (``zero_rows`` all zeros, as a non-finite row is stored). With
+    ``token_counts`` (``[n]``), per-token rows ("loss" mode) and example rows equal to their
+    float32 sum, as the cache job writes them."""
     url = str(tmp_path / name)
+    mode = None if token_counts is None else "loss"
     store = create_store(url, StoreLayout(n_examples=n, layers=layers, chunk_rows=chunk_rows,
-                                          dtype=dtype), {"config": {}})
+                                          dtype=dtype, token_mode=mode,
+                                          token_counts=None if mode is None
+                                          else tuple(token_counts),
+                                          token_chunk_rows=token_chunk_rows), {"config": {}})
     rng = np.random.default_rng(seed)
+    off = np.concatenate([[0], np.cumsum(token_counts)]) if mode else None
     for c in store.pending_chunks():
         a, b = store.layout.chunk_range(c)
-        store.write_chunk(c, {x.name: rng.standard_normal((b - a, x.k)) for x in layers},
-                          [f"e{i}" for i in range(a, b)], [1] * (b - a), [0.0] * (b - a))
+        kw = {}
+        if mode:
+            t = int(off[b] - off[a])
+            tok = {x.name: rng.standard_normal((t, x.k)).astype(np.float32) for x in layers}
+            for x in layers:
+                tok[x.name][np.isin(np.repeat(np.arange(a, b), token_counts[a:b]),
+                                    zero_rows)] = 0
+            ex = np.repeat(np.arange(b - a), token_counts[a:b])
+            grads = {x.name: np.stack([tok[x.name][ex == i].sum(0, dtype=np.float32)
+                                       for i in range(b - a)]) for x in layers}
+            kw = {"token_grads": tok, "token_positions": np.concatenate(
+                [np.arange(1, m + 1) for m in token_counts[a:b]])}
+        else:
+            grads = {x.name: rng.standard_normal((b - a, x.k)) for x in layers}
+            for x in layers:
+                grads[x.name][[i - a for i in zero_rows if a <= i < b]] = 0
+        store.write_chunk(c, grads, [f"e{i}" for i in range(a, b)], [1] * (b - a),
+                          [0.0] * (b - a), **kw)
     return open_store(url, mode="r+")
 
 

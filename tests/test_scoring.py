@@ -20,6 +20,7 @@ from grass_llm.influence import (
 )
 from grass_llm.influence.reader import chunk_jobs, read_ahead
 from grass_llm.influence.topk import HAVE_NUMBA
+from grass_llm.store import StoreError
 from tests.test_influence import LAYERS, random_store, raw
 
 BACKENDS = ["torch"] + (["numba"] if HAVE_NUMBA else [])
@@ -330,3 +331,62 @@ def test_normalized_self_influence_and_valuation_equal_numpy(with_zero_row, devi
     for normalize in ("none", "cosine", "train-unit"):
         got = valuation(store, targets, normalize=normalize, device=device)
         assert_scores_close(got, dense_scores(store, targets, normalize).sum(0))
+
+
+# ----------------------------------------------------------------------------- train-side tokens
+
+
+def test_train_token_scores_equal_a_direct_per_token_reference_and_sum_to_the_score(tmp_path):
+    from grass_llm.influence.train_tokens import train_token_scores
+
+    counts = [3, 7, 1, 4, 9, 2, 5, 6, 1, 8, 3, 4, 2]  # odd sizes: examples straddle token chunks
+    store = random_store(tmp_path, n=len(counts), chunk_rows=4, token_counts=counts,
+                         token_chunk_rows=5, zero_rows=(3,))
+    compute_fisher(store, device="cpu")
+    gen = torch.Generator().manual_seed(8)
+    q = {x.name: torch.randn(3, x.k, generator=gen) for x in LAYERS}
+    pre = precondition(load_factors(store), q)
+    off = np.concatenate([[0], np.cumsum(counts)])
+    base = store.group["token_chunk_base"][:]
+    for normalize in ("none", "train-unit", "cosine"):
+        qnorm = torch.cat(list(pre.values()), 1).norm(dim=1, keepdim=True)
+        scored = pre if normalize != "cosine" else {k: v / qnorm for k, v in pre.items()}
+        res = score_store(store, {"q": ScoreRequest(pre, top_k=6, keep_all=True,
+                                                    normalize=normalize)}, device="cpu")["q"]
+        idx = res.indices.copy()
+        idx[1, 4:] = -1  # unfilled slots are passed over
+        got = train_token_scores(store, scored, idx, normalize=normalize)
+        for j in range(3):
+            for r, i in enumerate(idx[j]):
+                if i < 0:
+                    assert got[j][r] is None
+                    continue
+                # the reference: straight from the raw arrays by the documented layout
+                c = i // 4
+                s = base[c] + off[i] - off[c * 4]
+                tok = np.concatenate([np.asarray(store.group[f"tokens/{x.name}"][:],
+                                                 np.float64)[s: s + counts[i]] for x in LAYERS], 1)
+                qrow = np.concatenate([scored[x.name][j].numpy() for x in LAYERS])
+                g = np.concatenate([raw(store, x.name)[i] for x in LAYERS])
+                scale = 1.0 if normalize == "none" else (1 / np.linalg.norm(g) if g.any() else 0)
+                want = tok @ qrow * scale
+                # float64 from the same float32 rows, summed in another order
+                np.testing.assert_allclose(got[j][r].scores, want, rtol=1e-12, atol=1e-14)
+                assert got[j][r].positions.tolist() == list(range(1, counts[i] + 1))
+                # the token scores add up to the example's score q~ . g_i in float64, up to
+                # the float32 rounding of the stored row g_i = fl32(sum_s g_is): at most
+                # (T - 1) u sum_s |g_is| per coordinate (u = 2^-24, recursive summation), plus
+                # float64's own rounding of the dot products (1e-13 of the same scale)
+                mag = np.abs(qrow) @ np.abs(tok).sum(0) * scale
+                bound = ((counts[i] - 1) * 2.0**-24 + 1e-13) * mag
+                assert abs(got[j][r].scores.sum() - qrow @ g * scale) <= bound
+                # and the pass's float32 GEMMs agree (assert_scores_close's tolerance)
+                assert_scores_close(got[j][r].scores.sum(), res.scores[j, i])
+                assert got[j][r].token_ids is None  # no tokenized corpus behind this store
+
+
+def test_train_tokens_need_token_rows(fitted):
+    from grass_llm.influence.train_tokens import train_token_scores
+
+    with pytest.raises(StoreError, match="token_mode=loss"):
+        train_token_scores(fitted, {}, np.zeros((1, 1), dtype=np.int64))

@@ -348,7 +348,14 @@ def test_two_processes_equal_one(tiny_store, tmp_path):
                                     "--matrix", str(tmp_path / f"{tag}-m.zarr")],
                 ["self-influence", store, "--out", str(tmp_path / f"{tag}-si.jsonl")],
                 ["value", store, "--target-store", store, "--out",
-                 str(tmp_path / f"{tag}-v.jsonl")]]
+                 str(tmp_path / f"{tag}-v.jsonl")],
+                # normalized: the training-row norms are summed per rank's own chunks
+                ["query", store, "--queries", str(qfile), "--per-token", "--top-k", "4",
+                 "--normalize", "cosine", "--out", str(tmp_path / f"{tag}-cos.jsonl")],
+                ["self-influence", store, "--normalize", "train-unit", "--out",
+                 str(tmp_path / f"{tag}-siu.jsonl")],
+                ["value", store, "--target-store", store, "--normalize", "cosine", "--out",
+                 str(tmp_path / f"{tag}-vc.jsonl")]]
         if tag == "one":
             for cmd in cmds:
                 res = CliRunner().invoke(app, cmd, terminal_width=200)
@@ -364,8 +371,10 @@ def test_two_processes_equal_one(tiny_store, tmp_path):
     one, two = load_factors(open_store(runs["one"])), load_factors(open_store(runs["two"]))
     for name in one:  # the same float64 sums, added in another order
         torch.testing.assert_close(two[name], one[name], rtol=1e-10, atol=1e-12)
-    lines = {t: [json.loads(x) for x in (tmp_path / f"{t}.jsonl").read_text().splitlines()]
+    lines = {t: [json.loads(x) for name in ("", "-cos") for x in
+                 (tmp_path / f"{t}{name}.jsonl").read_text().splitlines()]
              for t in ("one", "two")}
+    assert len(lines["one"]) == 6 and {x["normalize"] for x in lines["two"]} == {"none", "cosine"}
     for a, b in zip(lines["one"], lines["two"]):
         assert [e["index"] for e in a["top"]] == [e["index"] for e in b["top"]]
         assert [[e["index"] for e in t["top"]] for t in a["tokens"]] == \
@@ -376,7 +385,8 @@ def test_two_processes_equal_one(tiny_store, tmp_path):
     np.testing.assert_allclose(zarr.open_array(str(tmp_path / "two-m.zarr"))[:],
                                zarr.open_array(str(tmp_path / "one-m.zarr"))[:], rtol=1e-4,
                                atol=1e-6)
-    for name, key in (("si", "self_influence"), ("v", "value")):
+    for name, key in (("si", "self_influence"), ("v", "value"), ("siu", "self_influence"),
+                      ("vc", "value")):
         got = {t: [json.loads(x) for x in (tmp_path / f"{t}-{name}.jsonl").read_text()
                    .splitlines()] for t in ("one", "two")}
         assert [x["id"] for x in got["one"]] == [x["id"] for x in got["two"]]

@@ -104,9 +104,13 @@ def run_query(console, store_url: str, *, queries: str | None, query_store: str 
     if train_tokens:  # only the reported examples' token rows, after the pass
         scored = pre_q if q_norms is None else scale_rows(pre_q, inverse(q_norms))
         tt = train_token_scores(store, scored, idx, normalize=normalize, tokenizer=q.tokenizer)
-        if tt and all(t is None or t.token_ids is None for line in tt for t in line):
+        found = [t for line in tt for t in line if t is not None]
+        if found and all(t.token_ids is None for t in found):
             console.print("note: the store's tokenized corpus cache is not available: train "
                           "tokens are given by position only", highlight=False)
+        elif found and q.tokenizer is None:
+            console.print("note: no tokenizer at hand (--query-store): train tokens are given "
+                          "as token ids", highlight=False)
     _write(q, res, ids, texts, out, normalize, tt, store.layout.token_mode)
     _show(console, q, vals, idx, ids, texts, out)
 

@@ -40,15 +40,39 @@ LAYERS = (LayerInfo("l.a", "factgrass:c=1,k=5,k_in=3,k_out=2", 1, 5, 4, 3, False
 
 
 def random_store(tmp_path, n=23, chunk_rows=4, seed=0, name="s.zarr", layers=LAYERS,
-                 dtype="float32"):
+                 dtype="float32", zero_rows=(), token_counts=None, token_chunk_rows=5):
+    """Random rows (``zero_rows`` all zeros, as a non-finite row is stored). With
+    ``token_counts`` (``[n]``), per-token rows ("loss" mode) and example rows equal to their
+    float32 sum, as the cache job writes them."""
     url = str(tmp_path / name)
+    mode = None if token_counts is None else "loss"
     store = create_store(url, StoreLayout(n_examples=n, layers=layers, chunk_rows=chunk_rows,
-                                          dtype=dtype), {"config": {}})
+                                          dtype=dtype, token_mode=mode,
+                                          token_counts=None if mode is None
+                                          else tuple(token_counts),
+                                          token_chunk_rows=token_chunk_rows), {"config": {}})
     rng = np.random.default_rng(seed)
+    off = np.concatenate([[0], np.cumsum(token_counts)]) if mode else None
     for c in store.pending_chunks():
         a, b = store.layout.chunk_range(c)
-        store.write_chunk(c, {x.name: rng.standard_normal((b - a, x.k)) for x in layers},
-                          [f"e{i}" for i in range(a, b)], [1] * (b - a), [0.0] * (b - a))
+        kw = {}
+        if mode:
+            t = int(off[b] - off[a])
+            tok = {x.name: rng.standard_normal((t, x.k)).astype(np.float32) for x in layers}
+            for x in layers:
+                tok[x.name][np.isin(np.repeat(np.arange(a, b), token_counts[a:b]),
+                                    zero_rows)] = 0
+            ex = np.repeat(np.arange(b - a), token_counts[a:b])
+            grads = {x.name: np.stack([tok[x.name][ex == i].sum(0, dtype=np.float32)
+                                       for i in range(b - a)]) for x in layers}
+            kw = {"token_grads": tok, "token_positions": np.concatenate(
+                [np.arange(1, m + 1) for m in token_counts[a:b]])}
+        else:
+            grads = {x.name: rng.standard_normal((b - a, x.k)) for x in layers}
+            for x in layers:
+                grads[x.name][[i - a for i in zero_rows if a <= i < b]] = 0
+        store.write_chunk(c, grads, [f"e{i}" for i in range(a, b)], [1] * (b - a),
+                          [0.0] * (b - a), **kw)
     return open_store(url, mode="r+")
 
 
@@ -324,7 +348,14 @@ def test_two_processes_equal_one(tiny_store, tmp_path):
                                     "--matrix", str(tmp_path / f"{tag}-m.zarr")],
                 ["self-influence", store, "--out", str(tmp_path / f"{tag}-si.jsonl")],
                 ["value", store, "--target-store", store, "--out",
-                 str(tmp_path / f"{tag}-v.jsonl")]]
+                 str(tmp_path / f"{tag}-v.jsonl")],
+                # normalized: the training-row norms are summed per rank's own chunks
+                ["query", store, "--queries", str(qfile), "--per-token", "--top-k", "4",
+                 "--normalize", "cosine", "--out", str(tmp_path / f"{tag}-cos.jsonl")],
+                ["self-influence", store, "--normalize", "train-unit", "--out",
+                 str(tmp_path / f"{tag}-siu.jsonl")],
+                ["value", store, "--target-store", store, "--normalize", "cosine", "--out",
+                 str(tmp_path / f"{tag}-vc.jsonl")]]
         if tag == "one":
             for cmd in cmds:
                 res = CliRunner().invoke(app, cmd, terminal_width=200)
@@ -340,8 +371,10 @@ def test_two_processes_equal_one(tiny_store, tmp_path):
     one, two = load_factors(open_store(runs["one"])), load_factors(open_store(runs["two"]))
     for name in one:  # the same float64 sums, added in another order
         torch.testing.assert_close(two[name], one[name], rtol=1e-10, atol=1e-12)
-    lines = {t: [json.loads(x) for x in (tmp_path / f"{t}.jsonl").read_text().splitlines()]
+    lines = {t: [json.loads(x) for name in ("", "-cos") for x in
+                 (tmp_path / f"{t}{name}.jsonl").read_text().splitlines()]
              for t in ("one", "two")}
+    assert len(lines["one"]) == 6 and {x["normalize"] for x in lines["two"]} == {"none", "cosine"}
     for a, b in zip(lines["one"], lines["two"]):
         assert [e["index"] for e in a["top"]] == [e["index"] for e in b["top"]]
         assert [[e["index"] for e in t["top"]] for t in a["tokens"]] == \
@@ -352,7 +385,8 @@ def test_two_processes_equal_one(tiny_store, tmp_path):
     np.testing.assert_allclose(zarr.open_array(str(tmp_path / "two-m.zarr"))[:],
                                zarr.open_array(str(tmp_path / "one-m.zarr"))[:], rtol=1e-4,
                                atol=1e-6)
-    for name, key in (("si", "self_influence"), ("v", "value")):
+    for name, key in (("si", "self_influence"), ("v", "value"), ("siu", "self_influence"),
+                      ("vc", "value")):
         got = {t: [json.loads(x) for x in (tmp_path / f"{t}-{name}.jsonl").read_text()
                    .splitlines()] for t in ("one", "two")}
         assert [x["id"] for x in got["one"]] == [x["id"] for x in got["two"]]

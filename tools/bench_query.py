@@ -6,8 +6,10 @@ against store size.
 3. Zarr decode rate: the same rows through Zarr (CRC32C check), no arithmetic.
 4. Scoring (`score_store`, top-10): --queries example-level rows alone; the same plus --tokens
    per-token rows in one pass; the same two sets in two passes (what `query --per-token` did
-   before); each on 1 process and on 2 (torchrun, gloo on CPU). Reported as store MiB/s and
-   as a fraction of the raw read rate.
+   before); --queries rows and one row (valuation's single summed target) with normalized
+   scores (`train-unit`: each training row's norm summed in the same pass) beside the plain
+   ones; each on 1 process and on 2 (torchrun, gloo on CPU). Reported as store MiB/s and as a
+   fraction of the raw read rate.
 5. Peak RSS of a scoring process (example + per-token rows) for stores of 1x, 2x and 4x
    --rows, measured from just before the pass (Linux: VmHWM reset through clear_refs): flat
    when memory does not grow with the store.
@@ -53,12 +55,13 @@ def build(url: str, rows: int, layers: int, k: int, chunk: int):
     return open_store(url)
 
 
-def requests(store, n_q: int, n_tok: int, one_pass: bool) -> list[dict]:
+def requests(store, n_q: int, n_tok: int, one_pass: bool, normalize: str = "none"
+             ) -> list[dict]:
     """The score requests of one run: [{...}] for one pass, [{ex}, {tok}] for two."""
     gen = torch.Generator().manual_seed(0)
     ex = {x.name: torch.randn(n_q, x.k, generator=gen) for x in store.layout.layers}
     if not n_tok:
-        return [{"ex": ScoreRequest(ex, top_k=10)}]
+        return [{"ex": ScoreRequest(ex, top_k=10, normalize=normalize)}]
     tok = {x.name: torch.randn(n_tok, x.k, generator=gen) for x in store.layout.layers}
     both = {"ex": ScoreRequest(ex, top_k=10), "tok": ScoreRequest(tok, top_k=10)}
     return [both] if one_pass else [{"ex": both["ex"]}, {"tok": both["tok"]}]
@@ -100,7 +103,7 @@ def worker(args) -> None:
 
     init_distributed()
     store = open_store(args.store)
-    reqs = requests(store, args.queries, args.tokens, not args.two_pass)
+    reqs = requests(store, args.queries, args.tokens, not args.two_pass, args.normalize)
 
     def run():
         for r in reqs:
@@ -127,6 +130,7 @@ def launch(args, url: str, procs: int, *extra: str) -> dict:
     """Run `worker` in a fresh process (procs=1) or under torchrun (procs > 1)."""
     base = [str(Path(__file__).resolve()), "--worker", "--store", url, "--device", args.device,
             "--repeats", str(args.repeats), "--queries", str(args.queries), *extra]
+    # a later --queries in extra overrides the default (argparse keeps the last)
     if procs == 1:
         cmd = [sys.executable, *base]
     else:
@@ -157,6 +161,7 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
     ap.add_argument("--two-pass", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--normalize", default="none", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -189,7 +194,12 @@ def main() -> None:
         runs = [("example rows alone", ["--tokens", "0"]),
                 ("example + token rows, one pass", ["--tokens", str(args.tokens)]),
                 ("example + token rows, two passes", ["--tokens", str(args.tokens),
-                                                      "--two-pass"])]
+                                                      "--two-pass"]),
+                ("example rows alone, train-unit", ["--tokens", "0", "--normalize",
+                                                    "train-unit"]),
+                ("1 row (valuation)", ["--tokens", "0", "--queries", "1"]),
+                ("1 row (valuation), train-unit", ["--tokens", "0", "--queries", "1",
+                                                   "--normalize", "train-unit"])]
         for procs in sorted({1, args.procs}):
             for label, extra in runs:
                 r = nbytes / launch(args, url, procs, *extra)["seconds"]

@@ -10,6 +10,10 @@ from grass_llm.cli._app import app, console, _fail
 
 DEVICE_HELP = ("auto (this process's GPU when there is one, else the CPU), cpu, cuda or "
                "cuda:N.")
+NORMALIZE_HELP = ("Score normalization, norms over all layers: none (the influence score "
+                  "q~ . g), cosine (the preconditioned query and the training row each "
+                  "unit-normalized, as LESS), train-unit (the training row only: per query "
+                  "the ranking of cosine, as TrackStar). See docs/influence.md.")
 
 
 def _progress_bar(info, label: str):
@@ -96,6 +100,11 @@ def query(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     max_tokens: int = typer.Option(None, help="Padded tokens per query forward/backward "
                                               "(default: the store's max_tokens)."),
+    normalize: str = typer.Option("none", help=NORMALIZE_HELP),
+    train_tokens: bool = typer.Option(False, help="Also the score of each token of each top-k "
+                                                  "training example (they add up to its "
+                                                  "score); needs a store cached with "
+                                                  "token_mode."),
 ) -> None:
     """Top-k most influential training examples for each query (and each query token), in one
     pass over the store. Under torchrun / accelerate launch the ranks split the query batches,
@@ -111,7 +120,8 @@ def query(
         with bar:
             run_query(console, store, queries=queries, query_store=query_store, top_k=top_k,
                       per_token=per_token, token_mode=token_mode, out=out, matrix=matrix,
-                      model=model, device=device, max_tokens=max_tokens, progress=update)
+                      model=model, device=device, max_tokens=max_tokens, normalize=normalize,
+                      train_tokens=train_tokens, progress=update)
     except (StoreError, ValueError, FileNotFoundError, RankFailure) as err:
         _fail(err)
 
@@ -122,6 +132,11 @@ def self_influence_cmd(
     out: str = typer.Option("self_influence.jsonl", help="Output JSONL, one line per example."),
     show: int = typer.Option(10, help="Print the examples with the highest self-influence."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    normalize: str = typer.Option("none", help="none: s(i, i) = g^T H^-1 g; train-unit: "
+                                               "s(i, i) / ||g||^2, the self-influence of the "
+                                               "unit-normalized row (its direction, not its "
+                                               "magnitude). cosine is refused: an example's "
+                                               "cosine with itself is 1."),
 ) -> None:
     """s(i, i) for every training example: high values flag outliers and mislabeled data.
     Under torchrun / accelerate launch the ranks split the row chunks."""
@@ -136,13 +151,14 @@ def self_influence_cmd(
     try:
         st = open_store(store)
         with bar:
-            scores = self_influence(st, device=device, progress=update)
+            scores = self_influence(st, normalize=normalize, device=device, progress=update)
     except (StoreError, ValueError, RankFailure) as err:
         _fail(err)
     if not info.is_main:
         return
     write_ranked(console, st, scores, out, key="self_influence", ranked=False, show=show,
-                 title=f"highest self-influence of {len(scores):,} examples (all in {out})")
+                 title=f"highest self-influence ({normalize}) of {len(scores):,} examples (all "
+                       f"in {out})")
 
 
 @app.command()
@@ -150,17 +166,27 @@ def value(
     store: str = typer.Argument(..., help="Gradient store with Fisher factors."),
     targets: str = typer.Option(None, help="Target set file (corpus format)."),
     target_store: str = typer.Option(None, help="A store cached from the targets."),
-    select: float = typer.Option(None, help="Write the ids of this top fraction (0-1]."),
+    select: float = typer.Option(None, help="Write this top fraction (0-1] of the training "
+                                            "set as a corpus (see --select-format)."),
     out: str = typer.Option("values.jsonl", help="Output JSONL, ranked, one line per example."),
-    select_out: str = typer.Option("selected_ids.txt", help="Where --select writes the ids."),
+    select_out: str = typer.Option(None, help="Where --select writes (default: selected.<the "
+                                              "format's suffix>, a folder for hf)."),
+    select_format: str = typer.Option("auto", help="auto (the corpus's own format: JSONL, "
+                                                   "JSON, Parquet, text, a text folder or a "
+                                                   "saved dataset, records as they are), "
+                                                   "jsonl, parquet, hf (a datasets dataset, "
+                                                   "save_to_disk) or ids (one id a line)."),
     model: str = typer.Option(None, help="Model path, if it moved since the store was made."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    normalize: str = typer.Option("none", help=NORMALIZE_HELP + " cosine gives every target "
+                                               "the same weight."),
 ) -> None:
-    """Data valuation: each training example's total influence on a target set, ranked.
-    Under torchrun / accelerate launch the ranks split the target batches and the row
-    chunks."""
+    """Data valuation: each training example's total influence on a target set, ranked; with
+    --select, the best fraction written as a training corpus. Under torchrun / accelerate
+    launch the ranks split the target batches and the row chunks."""
     from grass_llm.influence import from_file, from_store, valuation
-    from grass_llm.influence.cli_query import row_ids, write_ranked
+    from grass_llm.influence.cli_query import write_ranked
+    from grass_llm.influence.select import SELECT_FORMATS, default_out, write_selection
     from grass_llm.parallel import init_distributed
     from grass_llm.parallel.comm import RankFailure
     from grass_llm.store import StoreError, open_store
@@ -169,6 +195,9 @@ def value(
         _fail(ValueError("give exactly one of --targets or --target-store"))
     if select is not None and not 0 < select <= 1:
         _fail(ValueError(f"--select must be in (0, 1], got {select}"))
+    if select_format not in SELECT_FORMATS:
+        _fail(ValueError(f"--select-format must be one of {list(SELECT_FORMATS)}, got "
+                         f"{select_format!r}"))
     info = init_distributed()
     bar, update = _progress_bar(info, "valuation")
     try:
@@ -176,17 +205,21 @@ def value(
         q = (from_store(st, open_store(target_store)) if target_store
              else from_file(st, targets, model_path=model, device=device))
         with bar:
-            values = valuation(st, q.grads, device=device, progress=update)
+            values = valuation(st, q.grads, normalize=normalize, device=device,
+                               progress=update)
     except (StoreError, ValueError, FileNotFoundError, RankFailure) as err:
         _fail(err)
     if not info.is_main:
         return
     order = write_ranked(console, st, values, out, key="value", ranked=True, show=0)
-    msg = f"valued {len(values):,} examples against {len(q.ids)} target(s): {out}"
+    msg = f"valued {len(values):,} examples against {len(q.ids)} target(s) ({normalize}): {out}"
     if select is not None:
         n_sel = max(1, int(round(select * len(values))))
-        ids = row_ids(st, order[:n_sel])
-        with open(select_out, "w") as f:
-            f.writelines(ids[i] + "\n" for i in order[:n_sel])
-        msg += f"; top {n_sel} ids in {select_out}"
+        try:
+            sel = write_selection(st, order[:n_sel], select_out or default_out(st, select_format),
+                                  select_format)
+        except (StoreError, ValueError) as err:
+            _fail(err)
+        msg += (f"; top {sel.rows} examples ({sel.records} records) written as "
+                f"{sel.format} to {sel.path}")
     console.print(msg, highlight=False, soft_wrap=True)

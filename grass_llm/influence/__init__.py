@@ -4,6 +4,7 @@ token level, self-influence, valuation), on the GPU when there is one and split 
 
 from grass_llm.influence.factors import Factors, load_factors
 from grass_llm.influence.fisher import compute_fisher, precondition
+from grass_llm.influence.normalize import NORMALIZATIONS
 from grass_llm.influence.query import QueryGrads, from_file, from_store, query_gradients
 from grass_llm.influence.score import (
     ScoreRequest,
@@ -15,6 +16,6 @@ from grass_llm.influence.score import (
 )
 from grass_llm.influence.topk import TopK, merge_top_k
 
-__all__ = ["compute_fisher", "load_factors", "Factors", "precondition", "QueryGrads",
-           "from_file", "from_store", "query_gradients", "ScoreRequest", "ScoreResult",
+__all__ = ["NORMALIZATIONS", "compute_fisher", "load_factors", "Factors", "precondition",
+           "QueryGrads", "from_file", "from_store", "query_gradients", "ScoreRequest", "ScoreResult",
            "score_store", "TopK", "merge_top_k", "stream_top_k", "self_influence", "valuation"]

@@ -16,20 +16,31 @@ from rich.table import Table
 
 from grass_llm.influence.factors import load_factors
 from grass_llm.influence.fisher import precondition
+from grass_llm.influence.normalize import check_normalize, inverse, row_norms, scale_rows
 from grass_llm.influence.query import QueryGrads, from_file, from_store
 from grass_llm.influence.reader import resolve_device
 from grass_llm.influence.score import ScoreRequest, score_store
 from grass_llm.influence.texts import row_ids, row_texts, snippet
+from grass_llm.influence.train_tokens import require_token_rows, train_token_scores
 from grass_llm.parallel import comm
 from grass_llm.store import GradientStore, open_store
 
 __all__ = ["row_ids", "run_query", "write_ranked"]
 
 
-def _entries(vals, idx, ids, texts) -> list[dict]:
-    return [{"rank": r + 1, "index": int(i), "id": ids[int(i)], "score": float(v),
-             "text": snippet(texts.get(int(i)))}
-            for r, (v, i) in enumerate(zip(vals, idx, strict=True)) if i >= 0]
+def _entries(vals, idx, ids, texts, train_tokens=None) -> list[dict]:
+    out = []
+    for r, (v, i) in enumerate(zip(vals, idx, strict=True)):
+        if i < 0:
+            continue
+        entry = {"rank": r + 1, "index": int(i), "id": ids[int(i)], "score": float(v),
+                 "text": snippet(texts.get(int(i)))}
+        if train_tokens is not None:
+            t = train_tokens[r]
+            entry["train_tokens"] = {"positions": t.positions.tolist(), "tokens": t.texts,
+                                     "token_ids": t.token_ids, "scores": t.scores.tolist()}
+        out.append(entry)
+    return out
 
 
 def _split(pre: dict[str, torch.Tensor], n_queries: int):
@@ -40,8 +51,9 @@ def _split(pre: dict[str, torch.Tensor], n_queries: int):
 def run_query(console, store_url: str, *, queries: str | None, query_store: str | None,
               top_k: int, per_token: bool, token_mode: str, out: str, matrix: str | None,
               model: str | None, device: str = "auto", max_tokens: int | None = None,
-              progress=None) -> None:
+              normalize: str = "none", train_tokens: bool = False, progress=None) -> None:
     """The whole query command on this rank (call it on every rank)."""
+    check_normalize(normalize)
     if (queries is None) == (query_store is None):
         raise ValueError("give exactly one of --queries or --query-store")
     if per_token and query_store is not None:
@@ -52,6 +64,8 @@ def run_query(console, store_url: str, *, queries: str | None, query_store: str 
     dev = resolve_device(device)
     store = open_store(store_url)
     factors = load_factors(store)  # fails early and clearly when `fisher` was not run
+    if train_tokens:
+        require_token_rows(store)
     q = (from_store(store, open_store(query_store)) if query_store
          else from_file(store, queries, per_token=per_token, token_mode=token_mode,
                         model_path=model, device=dev, max_tokens=max_tokens))
@@ -65,12 +79,19 @@ def run_query(console, store_url: str, *, queries: str | None, query_store: str 
                                     dtype="float32", overwrite=True,
                                     chunks=(len(q.ids), store.layout.chunk_rows))
             arr.attrs.update({"store": store_url, "store_identity": store.identity,
-                              "queries": q.ids})
+                              "queries": q.ids, "normalize": normalize})
     if matrix is not None and comm.rank() != 0:
         arr = zarr.open_array(matrix, mode="r+")
-    requests = {"queries": ScoreRequest(pre_q, top_k=top_k, matrix_out=arr)}
+    # cosine: every query (and its token rows, so that they add up to it) divided by the
+    # query's norm over all layers
+    q_norms = row_norms(pre_q) if normalize == "cosine" else None
+    requests = {"queries": ScoreRequest(pre_q, top_k=top_k, matrix_out=arr, normalize=normalize,
+                                        query_norms=q_norms)}
     if per_token:
-        requests["tokens"] = ScoreRequest(pre_t, top_k=top_k)
+        owner = np.repeat(np.arange(len(q.ids)), np.diff(q.offsets))
+        requests["tokens"] = ScoreRequest(pre_t, top_k=top_k, normalize=normalize,
+                                          query_norms=None if q_norms is None
+                                          else q_norms.cpu()[torch.from_numpy(owner)])
     res = score_store(store, requests, device=dev, progress=progress)
     if res is None:
         return
@@ -79,16 +100,32 @@ def run_query(console, store_url: str, *, queries: str | None, query_store: str 
     every = [idx] if tok is None else [idx, tok.indices]
     ids = row_ids(store, np.concatenate([a.ravel() for a in every]))
     texts = row_texts(store, ids, tokenizer=q.tokenizer)  # only the reported rows' texts
-    _write(q, res, ids, texts, out)
+    tt = None
+    if train_tokens:  # only the reported examples' token rows, after the pass
+        scored = pre_q if q_norms is None else scale_rows(pre_q, inverse(q_norms))
+        tt = train_token_scores(store, scored, idx, normalize=normalize, tokenizer=q.tokenizer)
+        found = [t for line in tt for t in line if t is not None]
+        if found and all(t.token_ids is None for t in found):
+            console.print("note: the store's tokenized corpus cache is not available: train "
+                          "tokens are given by position only", highlight=False)
+        elif found and q.tokenizer is None:
+            console.print("note: no tokenizer at hand (--query-store): train tokens are given "
+                          "as token ids", highlight=False)
+    _write(q, res, ids, texts, out, normalize, tt, store.layout.token_mode)
     _show(console, q, vals, idx, ids, texts, out)
 
 
-def _write(q: QueryGrads, res, ids, texts, out: str) -> None:
+def _write(q: QueryGrads, res, ids, texts, out: str, normalize: str = "none",
+           train_tokens=None, train_token_mode: str | None = None) -> None:
     vals, idx = res["queries"].values, res["queries"].indices
     tok = res.get("tokens")
     with open(out, "w") as f:
         for j, qid in enumerate(q.ids):
-            line = {"query": qid, "top": _entries(vals[j], idx[j], ids, texts)}
+            line = {"query": qid, "normalize": normalize,
+                    "top": _entries(vals[j], idx[j], ids, texts,
+                                    None if train_tokens is None else train_tokens[j])}
+            if train_tokens is not None:
+                line["train_token_mode"] = train_token_mode
             if tok is not None:
                 line["token_mode"] = q.token_mode
                 line["tokens"] = [{"position": int(q.positions[r]), "token": q.token_texts[r],

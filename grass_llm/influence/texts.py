@@ -56,9 +56,12 @@ def row_texts(store: GradientStore, ids: Mapping[int, str], *,
     return out
 
 
-def _from_tokenized_corpus(store, ids: Mapping[int, str], tokenizer) -> dict[int, str] | None:
+def tokenized_corpus(store: GradientStore):
+    """The store's tokenized corpus cache (``meta["dataset"]["corpus_path"]``) when it is still
+    there and has the store's number of examples, else None. Callers check the ids of the rows
+    they read against the store's (``corpus.ids(i, i + 1)``)."""
     path = store.meta.get("dataset", {}).get("corpus_path")
-    if tokenizer is None or not path or not Path(path).is_dir():
+    if not path or not Path(path).is_dir():
         return None
     from grass_llm.data.corpus import CorpusCacheError, TokenizedCorpus
 
@@ -66,7 +69,12 @@ def _from_tokenized_corpus(store, ids: Mapping[int, str], tokenizer) -> dict[int
         corpus = TokenizedCorpus.open(path)
     except (CorpusCacheError, OSError):
         return None
-    if corpus.n_examples != store.n_examples:
+    return corpus if corpus.n_examples == store.n_examples else None
+
+
+def _from_tokenized_corpus(store, ids: Mapping[int, str], tokenizer) -> dict[int, str] | None:
+    corpus = None if tokenizer is None else tokenized_corpus(store)
+    if corpus is None:
         return None
     out = {}
     for row, ex_id in ids.items():

@@ -1,5 +1,11 @@
 """Self-contained HTML reports of attribution results."""
 
-from grass_llm.report.html import DocScore, QueryReport, TokenScore, render_report
+from grass_llm.report.html import (
+    DocScore,
+    QueryReport,
+    TokenScore,
+    render_report,
+    token_scores,
+)
 
-__all__ = ["DocScore", "QueryReport", "TokenScore", "render_report"]
+__all__ = ["DocScore", "QueryReport", "TokenScore", "render_report", "token_scores"]

@@ -1,5 +1,6 @@
 """A self-contained HTML attribution report: per query, the response with each token shaded by
-its influence, and the most influential training documents.
+its influence, and the most influential training documents, each with its own tokens shaded by
+their share of its score when the store holds per-token rows (``query --train-tokens``).
 
 Training data is untrusted: every piece of text goes through ``html.escape`` (a document holding
 ``<script>`` renders as text). The file has no external resources: inline CSS, no scripts.
@@ -22,10 +23,14 @@ class TokenScore:
 
 @dataclass
 class DocScore:
+    """A training example in a query's top list; ``tokens``: its tokens with their share of
+    ``score`` (shaded on the example's own scale), shown instead of ``text`` when given."""
+
     rank: int
     id: str
     score: float
     text: str | None
+    tokens: list[TokenScore] | None = None
 
 
 @dataclass
@@ -38,6 +43,14 @@ class QueryReport:
     extra: dict = field(default_factory=dict)
 
 
+def token_scores(texts: list[str], scores, positions=None) -> list[TokenScore]:
+    """``TokenScore``s of a training example's tokens (e.g. ``query --train-tokens``'
+    ``tokens``, ``scores`` and ``positions``), the tooltip naming each token's position."""
+    pos = range(len(texts)) if positions is None else positions
+    return [TokenScore(t, float(s), f"position {int(p)}: {float(s):.4g}")
+            for t, s, p in zip(texts, scores, pos, strict=True)]
+
+
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 2em; }
@@ -46,6 +59,7 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 2em; }
 .response { padding: 0.6em 0.8em; border: 1px solid #ddd; border-radius: 4px; line-height: 2;
             white-space: pre-wrap; }
 .tok { padding: 0.15em 0.05em; border-radius: 3px; }
+.doc { line-height: 1.9; white-space: pre-wrap; }
 table { border-collapse: collapse; width: 100%; margin-top: 0.8em; font-size: 0.92em; }
 th, td { text-align: left; padding: 0.3em 0.5em; border-bottom: 1px solid #e3e3e3;
          vertical-align: top; }
@@ -69,11 +83,16 @@ def _tokens(tokens: list[TokenScore]) -> str:
         for t in tokens)
 
 
+def _doc_text(d: DocScore) -> str:
+    if d.tokens:
+        return f"<div class=doc>{_tokens(d.tokens)}</div>"
+    return html.escape(d.text or "(text unavailable)")
+
+
 def _docs(top: list[DocScore]) -> str:
     rows = "".join(
         f"<tr><td class=num>{d.rank}</td><td>{html.escape(d.id)}</td>"
-        f"<td class=num>{d.score:.4g}</td><td>{html.escape(d.text or '(text unavailable)')}</td>"
-        "</tr>" for d in top)
+        f"<td class=num>{d.score:.4g}</td><td>{_doc_text(d)}</td></tr>" for d in top)
     return ("<table><thead><tr><th>#</th><th>training example</th><th>score</th>"
             f"<th>text</th></tr></thead><tbody>{rows}</tbody></table>")
 
@@ -90,7 +109,10 @@ def render_report(queries: list[QueryReport], *, title: str = "grass_llm attribu
         "<p class=legend>Response tokens are shaded by their influence: "
         "<span style='background: rgba(255,140,0,0.6)'>raises</span> or "
         "<span style='background: rgba(30,110,255,0.6)'>lowers</span> the score of the top "
-        "training example; hover a token for its own most influential examples.</p>",
+        "training example; hover a token for its own most influential examples.",
+        (" Training examples' tokens are shaded by their share of that example's score (each "
+         "example on its own scale)." if any(d.tokens for q in queries for d in q.top) else ""),
+        "</p>",
     ]
     for q in queries:
         parts.append(f"<section><h2>{html.escape(q.id)}</h2>")

@@ -42,11 +42,12 @@ from grass_llm.influence import ScoreRequest, score_store  # noqa: E402
 from grass_llm.store import LayerInfo, StoreLayout, create_store, open_store  # noqa: E402
 
 
-def build(url: str, rows: int, layers: int, k: int, chunk: int):
+def build(url: str, rows: int, layers: int, k: int, chunk: int, codec: str = "none"):
     lays = tuple(LayerInfo(f"layer.{i}", f"factgrass:c=1,k={k},k_in=64,k_out=64", i, k, 1024,
                            1024, False) for i in range(layers))
     store = create_store(url, StoreLayout(n_examples=rows, layers=lays, chunk_rows=chunk,
-                                          dtype="float16"), {"config": {"bench": True}})
+                                          dtype="float16", codec=codec),
+                         {"config": {"bench": True}})
     rng = np.random.default_rng(0)
     for c in store.pending_chunks():
         a, b = store.layout.chunk_range(c)
@@ -158,6 +159,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--procs", type=int, default=2, help="ranks of the multi-process runs")
+    ap.add_argument("--codec", default="none", help="the store's chunk codec: none or zstd")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
     ap.add_argument("--two-pass", action="store_true", help=argparse.SUPPRESS)
@@ -169,7 +171,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         url = str(Path(tmp) / "bench.zarr")
         t0 = time.perf_counter()
-        store = build(url, args.rows, args.layers, args.k, args.chunk_rows)
+        store = build(url, args.rows, args.layers, args.k, args.chunk_rows, args.codec)
         files = sorted(p for p in Path(url, "grads").rglob("*") if p.is_file())
         nbytes = store_bytes(url)
         print(f"store: {args.rows} rows x {args.layers} layers x k={args.k} float16, "
@@ -211,7 +213,7 @@ def main() -> None:
         for mult in (1, 2, 4):
             big = url if mult == 1 else str(Path(tmp) / f"bench{mult}.zarr")
             if mult > 1:
-                build(big, args.rows * mult, args.layers, args.k, args.chunk_rows)
+                build(big, args.rows * mult, args.layers, args.k, args.chunk_rows, args.codec)
             m = launch(args, big, 1, "--tokens", str(args.tokens))
             note = "" if m["peak_is_scoring_only"] else " (peak since start)"
             print(f"| {args.rows * mult:,} | {store_bytes(big) / 2**20:,.0f} | "

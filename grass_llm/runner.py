@@ -2,10 +2,12 @@
 
 Composition, in this order (STYLE.md 1): process group (``parallel.dist``) -> rank 0 reads the
 model and tokenizer (the other ranks receive the tokenizer and, for sharded modes, a meta
-skeleton: ``parallel.loading``) -> the tokenized corpus (built once by rank 0, memory-mapped by
-all) -> identities and store (rank 0 creates or resumes, everyone opens) -> sharding (one
-``apply_*`` on the skeleton, weights streamed from rank 0) -> the step loop (``cache_loop``) ->
-summary. Every region where one rank may fail alone is guarded, so its error reaches all.
+skeleton: ``sharding.load_on_ranks``) -> the tokenized corpus (built once by rank 0,
+memory-mapped by all) -> identities and store (rank 0 creates or resumes, everyone opens) ->
+sharding (one ``apply_*`` on the skeleton, weights streamed from rank 0:
+``sharding.shard_model``, the path the query gradients share) -> the step loop
+(``cache_loop``) -> summary. Every region where one rank may fail alone is guarded, so its
+error reaches all.
 
 Work split: the store's row chunks go round robin to the data-parallel ranks (row order stays
 dataset order); a rank's chunks are cut into token-budget batches. Under FSDP2 and ZeRO-3 every
@@ -27,23 +29,10 @@ import torch
 from grass_llm.cache_loop import CacheLoop
 from grass_llm.capture import GradientCapture
 from grass_llm.config import RunConfig
-from grass_llm.models import (
-    ADAPTER_LAYERS,
-    enable_activation_checkpointing,
-    load_model,
-    weight_sources,
-)
-from grass_llm.parallel import (
-    apply_fsdp2,
-    apply_tp,
-    apply_zero3,
-    build_mesh,
-    comm,
-    init_distributed,
-    load_ds_config,
-)
+from grass_llm.models import ADAPTER_LAYERS, enable_activation_checkpointing, weight_sources
+from grass_llm.parallel import comm, init_distributed
 from grass_llm.parallel.dist import inner_size
-from grass_llm.parallel.loading import load_sharded, load_zero3
+from grass_llm.sharding import load_on_ranks, shard_model
 from grass_llm.store import LayerInfo, StoreLayout, create_store, open_store
 from grass_llm.store.identity import model_identity, tokenizer_identity
 
@@ -64,59 +53,6 @@ class Summary:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
-
-
-@dataclass
-class _Setup:
-    module: torch.nn.Module
-    tp_group: object
-    keep: tuple
-    dp_rank: int
-    dp_size: int
-    writer: bool
-    lockstep: bool
-
-
-def _shard(cfg: RunConfig, model, info) -> _Setup:
-    """Apply the configured parallelism (``model``: rank 0's full model, None elsewhere in the
-    sharded modes); returns what the step loop needs."""
-    dtype = getattr(torch, cfg.dtype)
-    if cfg.parallel == "none" or not info.initialized:
-        if cfg.parallel != "none" and info.is_main:
-            print(f"note: parallel={cfg.parallel} without a launcher runs unsharded")
-        return _Setup(model.to(info.device), None, (), info.rank, info.world_size, True, False)
-    if cfg.parallel == "fsdp":
-        shard = inner_size(info, cfg.shard_size, "shard_size")
-        mesh = build_mesh(info, shard, ("replicate", "shard"))
-        module = load_sharded(model, lambda m: apply_fsdp2(m, mesh), info.device)
-        return _Setup(module, None, (), info.rank, info.world_size, True, True)
-    if cfg.parallel == "deepspeed":
-        ds = load_ds_config(cfg.deepspeed_config, dtype=dtype)
-        module, anchor = apply_zero3(load_zero3(model, ds), ds)
-        return _Setup(module, None, (anchor,), info.rank, info.world_size, True, True)
-    mesh = build_mesh(info, inner_size(info, cfg.tp_size, "tp_size"), ("dp", "tp"))
-    module = load_sharded(model, lambda m: apply_tp(m, mesh["tp"]), info.device)
-    # TP groups never wait on each other (no collective crosses data-parallel ranks in a step)
-    return _Setup(module, mesh["tp"].get_group(), (), mesh["dp"].get_local_rank(),
-                  mesh["dp"].size(), mesh["tp"].get_local_rank() == 0, False)
-
-
-def _load(cfg: RunConfig, info):
-    """Rank 0 reads model and tokenizer; the others get the tokenizer (and the model itself
-    only in data-parallel mode, where every rank needs all of it)."""
-    dtype = getattr(torch, cfg.dtype)
-    model = tok = name = None
-    with comm.guarded("loading the model"):
-        if info.is_main:
-            model, tok, name = load_model(cfg.model, dtype=dtype, tokenizer=cfg.tokenizer,
-                                          seed=cfg.seed, adapter=cfg.adapter)
-    tok, name = comm.broadcast_object((tok, name) if info.is_main else None)
-    if cfg.parallel == "none" and info.initialized:  # after rank 0: a GGUF converts once
-        with comm.guarded("loading the model"):
-            if not info.is_main:
-                model, _, _ = load_model(cfg.model, dtype=dtype, tokenizer=cfg.tokenizer,
-                                         seed=cfg.seed, adapter=cfg.adapter)
-    return model, tok, name
 
 
 def _describe(cfg, corpus, model, tok, name, capture) -> tuple[StoreLayout, dict]:
@@ -196,12 +132,15 @@ def run_cache(cfg: RunConfig, *, progress: bool = True) -> Summary:
     t_start = time.perf_counter()
     if cfg.adapter is not None and cfg.layers is None:
         cfg = dataclasses.replace(cfg, layers=list(ADAPTER_LAYERS))
-    model, tok, name = _load(cfg, info)
+    model, tok, name = load_on_ranks(info, cfg.parallel, model=cfg.model, dtype=cfg.dtype,
+                                     tokenizer=cfg.tokenizer, seed=cfg.seed,
+                                     adapter=cfg.adapter)
     corpus = _open_corpus(cfg, tok, progress=progress and info.is_main)
     if corpus.n_examples == 0:
         raise ValueError(f"{cfg.data}: no usable example ({corpus.n_skipped} skipped)")
     store, done = _open(cfg, info, corpus, model, tok, name)
-    setup = _shard(cfg, model, info)
+    setup = shard_model(model, info, cfg.parallel, dtype=cfg.dtype, shard_size=cfg.shard_size,
+                        tp_size=cfg.tp_size, deepspeed_config=cfg.deepspeed_config)
     del model
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(setup.module)

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from grass_llm.config import RunConfig  # noqa: E402
 from grass_llm.parallel import comm, init_distributed  # noqa: E402
-from grass_llm.runner import _load, _shard  # noqa: E402
+from grass_llm.sharding import load_on_ranks, shard_model  # noqa: E402
 
 
 def _rss_now() -> int:
@@ -35,8 +35,8 @@ def main(config_json: str, mode: str, out: str) -> None:
     if mode == "deepspeed":
         import deepspeed  # noqa: F401
     before = _rss_now()
-    model, _, _ = _load(cfg, info)
-    setup = _shard(cfg, model, info)
+    model, _, _ = load_on_ranks(info, mode, model=cfg.model, dtype=cfg.dtype)
+    setup = shard_model(model, info, mode, dtype=cfg.dtype)
     del model
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     rows = comm.all_gather_object({"rank": info.rank, "grew": peak - before})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 from rich.table import Table
 
@@ -10,10 +12,27 @@ from grass_llm.cli._app import app, console, _fail
 
 DEVICE_HELP = ("auto (this process's GPU when there is one, else the CPU), cpu, cuda or "
                "cuda:N.")
+PARALLEL_HELP = ("How the model that computes the query gradients is placed: none (a full "
+                 "copy on every rank, the ranks split the batches), fsdp (FSDP2 shards over "
+                 "one node's ranks, HSDP across nodes) or tp (tensor parallel within a node): "
+                 "the cache job's loading and sharding, for models that do not fit one "
+                 "device. Under torchrun / accelerate launch only; the store's own cache "
+                 "sharding is not assumed (a query run may use other machines).")
 NORMALIZE_HELP = ("Score normalization, norms over all layers: none (the influence score "
                   "q~ . g), cosine (the preconditioned query and the training row each "
                   "unit-normalized, as LESS), train-unit (the training row only: per query "
                   "the ranking of cosine, as TrackStar). See docs/influence.md.")
+
+
+def _check_parallel(parallel: str, precomputed: bool) -> None:
+    """Refuse an unknown --parallel; say so when it is ignored (gradients read from a store)."""
+    from grass_llm.influence.query import QUERY_PARALLEL
+
+    if parallel not in QUERY_PARALLEL:
+        _fail(ValueError(f"--parallel must be one of {list(QUERY_PARALLEL)}, got {parallel!r}"))
+    if precomputed and parallel != "none" and os.environ.get("RANK", "0") == "0":
+        console.print(f"note: --parallel {parallel} is ignored: the query gradients are read "
+                      "from a store, no model runs", highlight=False)
 
 
 def _progress_bar(info, label: str):
@@ -105,15 +124,18 @@ def query(
                                                   "training example (they add up to its "
                                                   "score); needs a store cached with "
                                                   "token_mode."),
+    parallel: str = typer.Option("none", help=PARALLEL_HELP),
 ) -> None:
     """Top-k most influential training examples for each query (and each query token), in one
-    pass over the store. Under torchrun / accelerate launch the ranks split the query batches,
-    the layers' solves and the store's row chunks; rank 0 writes the results."""
+    pass over the store. Under torchrun / accelerate launch the ranks split the query batches
+    (with --parallel fsdp|tp over a sharded model), the layers' solves and the store's row
+    chunks; rank 0 writes the results."""
     from grass_llm.influence.cli_query import run_query
     from grass_llm.parallel import init_distributed
     from grass_llm.parallel.comm import RankFailure
     from grass_llm.store import StoreError
 
+    _check_parallel(parallel, query_store is not None)
     info = init_distributed()
     bar, update = _progress_bar(info, "scoring")
     try:
@@ -121,7 +143,7 @@ def query(
             run_query(console, store, queries=queries, query_store=query_store, top_k=top_k,
                       per_token=per_token, token_mode=token_mode, out=out, matrix=matrix,
                       model=model, device=device, max_tokens=max_tokens, normalize=normalize,
-                      train_tokens=train_tokens, progress=update)
+                      train_tokens=train_tokens, parallel=parallel, progress=update)
     except (StoreError, ValueError, FileNotFoundError, RankFailure) as err:
         _fail(err)
 
@@ -180,10 +202,12 @@ def value(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     normalize: str = typer.Option("none", help=NORMALIZE_HELP + " cosine gives every target "
                                                "the same weight."),
+    parallel: str = typer.Option("none", help=PARALLEL_HELP),
 ) -> None:
     """Data valuation: each training example's total influence on a target set, ranked; with
     --select, the best fraction written as a training corpus. Under torchrun / accelerate
-    launch the ranks split the target batches and the row chunks."""
+    launch the ranks split the target batches (with --parallel fsdp|tp over a sharded model)
+    and the row chunks."""
     from grass_llm.influence import from_file, from_store, valuation
     from grass_llm.influence.cli_query import write_ranked
     from grass_llm.influence.select import SELECT_FORMATS, default_out, write_selection
@@ -198,12 +222,13 @@ def value(
     if select_format not in SELECT_FORMATS:
         _fail(ValueError(f"--select-format must be one of {list(SELECT_FORMATS)}, got "
                          f"{select_format!r}"))
+    _check_parallel(parallel, target_store is not None)
     info = init_distributed()
     bar, update = _progress_bar(info, "valuation")
     try:
         st = open_store(store)
         q = (from_store(st, open_store(target_store)) if target_store
-             else from_file(st, targets, model_path=model, device=device))
+             else from_file(st, targets, model_path=model, device=device, parallel=parallel))
         with bar:
             values = valuation(st, q.grads, normalize=normalize, device=device,
                                progress=update)

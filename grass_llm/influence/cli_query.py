@@ -1,8 +1,9 @@
 """``grass-llm query``: query gradients -> preconditioned -> one streamed pass -> JSONL.
 
 Runs single-process or under torchrun / accelerate launch (every rank computes a share of the
-query batches, preconditions a share of the layers and scores a share of the row chunks;
-rank 0 writes the results).
+query batches, on a full copy of the model or on the cache job's FSDP2 / tensor-parallel
+shards with ``parallel``; preconditions a share of the layers and scores a share of the row
+chunks; rank 0 writes the results).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def _split(pre: dict[str, torch.Tensor], n_queries: int):
 def run_query(console, store_url: str, *, queries: str | None, query_store: str | None,
               top_k: int, per_token: bool, token_mode: str, out: str, matrix: str | None,
               model: str | None, device: str = "auto", max_tokens: int | None = None,
-              normalize: str = "none", train_tokens: bool = False, progress=None) -> None:
+              normalize: str = "none", train_tokens: bool = False, parallel: str = "none",
+              progress=None) -> None:
     """The whole query command on this rank (call it on every rank)."""
     check_normalize(normalize)
     if (queries is None) == (query_store is None):
@@ -68,7 +70,8 @@ def run_query(console, store_url: str, *, queries: str | None, query_store: str 
         require_token_rows(store)
     q = (from_store(store, open_store(query_store)) if query_store
          else from_file(store, queries, per_token=per_token, token_mode=token_mode,
-                        model_path=model, device=dev, max_tokens=max_tokens))
+                        model_path=model, device=dev, max_tokens=max_tokens,
+                        parallel=parallel))
     rows = q.grads if q.tokens is None else {k: torch.cat([v, q.tokens[k]])
                                              for k, v in q.grads.items()}
     pre_q, pre_t = _split(precondition(factors, rows, device=dev), len(q.ids))

@@ -40,8 +40,8 @@ from grass_llm.data import (
     tokenize_records,
 )
 from grass_llm.influence.reader import resolve_device
-from grass_llm.models import load_model
-from grass_llm.parallel import comm
+from grass_llm.parallel import comm, init_distributed
+from grass_llm.sharding import Sharded, load_on_ranks, shard_model
 from grass_llm.store import GradientStore, StoreError
 from grass_llm.store.identity import model_identity
 
@@ -95,9 +95,13 @@ def from_store(store: GradientStore, qstore: GradientStore) -> QueryGrads:
     return QueryGrads([str(i) for i in qstore.example_ids()], grads)
 
 
+QUERY_PARALLEL = ("none", "fsdp", "tp")
+
+
 def from_file(store: GradientStore, path: str, *, per_token: bool = False,
               token_mode: str = "loss", model_path: str | None = None,
-              device: str | torch.device = "auto", max_tokens: int | None = None) -> QueryGrads:
+              device: str | torch.device = "auto", max_tokens: int | None = None,
+              parallel: str = "none", shard_size: int = 0, tp_size: int = 0) -> QueryGrads:
     """Compute query gradients with the store's model, compressor, seeds and loss.
 
     Args:
@@ -105,40 +109,51 @@ def from_file(store: GradientStore, path: str, *, per_token: bool = False,
         path: a query file (corpus formats and fields).
         per_token: also per-token rows, of ``token_mode`` ``"loss"`` or ``"position"``.
         model_path: the model, if it moved since the store was made (same weights).
-        device: ``"auto"`` (this rank's GPU if any, else CPU) or a device.
+        device: ``"auto"`` (this rank's GPU if any, else CPU) or a device; with
+            ``parallel="none"`` only (a sharded model lives on this rank's device).
         max_tokens: padded tokens per forward/backward (default: the store's ``max_tokens``).
+        parallel: ``"none"`` (every rank loads the whole model and takes its own batches),
+            ``"fsdp"`` (FSDP2 over ``shard_size`` ranks, HSDP beyond) or ``"tp"`` (tensor
+            parallel over ``tp_size`` ranks): the cache job's loading and sharding
+            (``grass_llm.sharding``); sizes of 0 mean the ranks of one node.
 
-    Under torch.distributed the batches are split over the ranks and every rank gets all rows.
+    Collective under torch.distributed: the batches are split over the data-parallel ranks
+    and every rank gets all rows, in query order.
     """
     if per_token and token_mode not in ("loss", "position"):
         raise ValueError(f"token_mode must be 'loss' or 'position', got {token_mode!r}")
+    if parallel not in QUERY_PARALLEL:
+        raise ValueError(f"parallel must be one of {list(QUERY_PARALLEL)} for query "
+                         f"gradients, got {parallel!r}")
     cfg = store.meta.get("config")
     if not cfg:
         raise StoreError(f"{store.url} does not record its run config; cannot rebuild its maps")
-    dev = resolve_device(device)
-    dtype = getattr(torch, cfg.get("dtype", "float32"))
-    model, tok, _ = load_model(model_path or cfg["model"], dtype=dtype,
-                               tokenizer=cfg.get("tokenizer"), seed=cfg.get("seed", 0),
-                               adapter=cfg.get("adapter"))
-    ident = model_identity(model)
-    if ident["weights_hash"] != store.meta.get("model", {}).get("weights_hash"):
-        raise StoreError(f"the model {model_path or cfg['model']!r} is not the one {store.url} "
-                         "was cached with (weights differ); pass the store's model")
+    info = init_distributed()
+    model, tok, _ = load_on_ranks(info, parallel, model=model_path or cfg["model"],
+                                  dtype=cfg.get("dtype", "float32"),
+                                  tokenizer=cfg.get("tokenizer"), seed=cfg.get("seed", 0),
+                                  adapter=cfg.get("adapter"))
+    capture = {"layers": [x.name for x in store.layout.layers], "seed": cfg.get("seed", 0),
+               "reduction": cfg.get("reduction", "sum"),
+               "include_bias": cfg.get("include_bias", True)}
+    with comm.guarded("checking the query model"):
+        if info.is_main:  # the others load the same files (none) or rank 0's weights
+            _check_model(store, model, cfg, capture, model_path)
     records = read_records(path).records
     if not records:
         raise ValueError(f"{path}: no query (the file is empty)")
     examples = tokenize_records(records, tok, max_length=cfg.get("max_length", 1024),
                                 overflow="truncate").examples
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    capture = {"layers": [x.name for x in store.layout.layers], "seed": cfg.get("seed", 0),
-               "reduction": cfg.get("reduction", "sum"),
-               "include_bias": cfg.get("include_bias", True)}
-    probe = GradientCapture(model, cfg["compressor"], **capture)
-    check_same_maps(store, {n: (c.spec, c.seed, c.k) for n, c in probe.compressors.items()},
-                    f"queries computed with {cfg['compressor']!r}")
-    q = query_gradients(model.to(dev), cfg["compressor"], examples, pad, capture=capture,
+    if parallel == "none":
+        info = replace(info, device=resolve_device(device))
+    setup = shard_model(model, info, parallel, dtype=cfg.get("dtype", "float32"),
+                        shard_size=shard_size, tp_size=tp_size)
+    del model
+    q = query_gradients(setup.module, cfg["compressor"], examples, pad, capture=capture,
                         token_mode=token_mode if per_token else None,
-                        max_tokens=max_tokens or cfg.get("max_tokens", 8192), device=dev)
+                        max_tokens=max_tokens or cfg.get("max_tokens", 8192),
+                        device=info.device, setup=setup)
     q.tokenizer = tok
     if per_token:
         q.token_texts = [tok.decode([ex.input_ids[int(p)]]) for j, ex in enumerate(examples)
@@ -146,37 +161,54 @@ def from_file(store: GradientStore, path: str, *, per_token: bool = False,
     return q
 
 
+def _check_model(store: GradientStore, model, cfg: dict, capture: dict, model_path) -> None:
+    """Refuse a model whose weights or maps are not the store's (rank 0: the full model)."""
+    if model_identity(model)["weights_hash"] != store.meta.get("model", {}).get("weights_hash"):
+        raise StoreError(f"the model {model_path or cfg['model']!r} is not the one {store.url} "
+                         "was cached with (weights differ); pass the store's model")
+    probe = GradientCapture(model, cfg["compressor"], **capture)
+    check_same_maps(store, {n: (c.spec, c.seed, c.k) for n, c in probe.compressors.items()},
+                    f"queries computed with {cfg['compressor']!r}")
+
+
 def query_gradients(model: torch.nn.Module, spec: str, examples: list[Example], pad_id: int, *,
                     capture: dict, token_mode: str | None = None, max_tokens: int = 8192,
-                    device: torch.device | str = "cpu") -> QueryGrads:
+                    device: torch.device | str = "cpu",
+                    setup: Sharded | None = None) -> QueryGrads:
     """Example-level (and per-token) compressed gradients of ``examples``, in their order.
 
     Args:
-        model: the causal LM, already on ``device``.
+        model: the causal LM, already on ``device`` (``setup.module`` when sharded).
         spec: compressor spec; ``capture``: the other ``GradientCapture`` keyword arguments
             (layers, seed, reduction, include_bias).
         token_mode: None, ``"loss"`` or ``"position"`` (see the module docstring).
         max_tokens: padded tokens per forward/backward (a longer sequence runs alone).
         device: where the batches go (the model's device).
+        setup: how ``model`` is sharded (``grass_llm.sharding.shard_model``); None: a full
+            copy on every rank, batches round robin over all ranks.
 
-    Under torch.distributed (a collective) the batches go round robin over the ranks and every
-    rank returns all rows.
+    Collective under torch.distributed: the batches go round robin over the data-parallel
+    ranks (all ranks of a tensor-parallel group take the same ones; under FSDP every rank
+    takes the same number of steps) and every rank returns all rows.
     """
     if token_mode not in TOKEN_MODES:
         raise ValueError(f"token_mode must be one of {TOKEN_MODES}, got {token_mode!r}")
     if token_mode == "loss" and capture.get("reduction", "sum") != "sum":
         raise ValueError("per-token loss rows need the store's loss reduction to be 'sum'")
-    dev = torch.device(device)
+    if setup is None:
+        setup = Sharded(model, None, (), comm.rank(), comm.world_size(), True, False)
+    capture = {**capture, "tp_group": setup.tp_group, "keep_trainable": setup.keep}
+    run = _Runner(setup, pad_id, torch.device(device))
     batches = token_budget_batches([len(e.input_ids) for e in examples], max_tokens)
     with GradientCapture(model, spec, **capture) as cap:
-        outs = _run_batches(cap, [[examples[i] for i in b] for b in batches], pad_id, dev)
+        outs = run(cap, [[examples[i] for i in b] for b in batches])
     rows = _scatter_rows(batches, outs, len(examples))
     q = QueryGrads([e.id for e in examples], _stack(rows), token_mode=token_mode)
     if token_mode == "loss":
-        _loss_rows(q, model, spec, capture, examples, pad_id, max_tokens, dev)
+        _loss_rows(q, run, model, spec, capture, examples, max_tokens)
     elif token_mode == "position":
         with GradientCapture(model, spec, token_mode="position", **capture) as cap:
-            outs = _run_batches(cap, [[examples[i] for i in b] for b in batches], pad_id, dev)
+            outs = run(cap, [[examples[i] for i in b] for b in batches])
         per_ex: list = [None] * len(examples)
         for b, (grads, offsets, positions) in zip(batches, outs):
             for j, i in enumerate(b):
@@ -186,24 +218,44 @@ def query_gradients(model: torch.nn.Module, spec: str, examples: list[Example], 
     return q
 
 
-def _run_batches(cap: GradientCapture, batches: list[list[Example]], pad_id: int,
-                 device: torch.device) -> list[tuple]:
-    """``(grads on CPU, offsets, positions)`` of every batch; batch b is computed by rank
-    b mod world size, and the results are gathered to every rank."""
-    rank, world = comm.rank(), comm.world_size()
-    local = {}
-    with comm.guarded("computing query gradients"):
-        for b in range(rank, len(batches), world):
-            t = collate(batches[b], pad_id)
-            out = cap(t["input_ids"].to(device), t["attention_mask"].to(device),
-                      t["labels"].to(device))
-            local[b] = ({k: v.detach().cpu() for k, v in out.grads.items()},
-                        None if out.offsets is None else out.offsets.cpu(),
-                        None if out.positions is None else out.positions.cpu())
-    merged = {}
-    for part in comm.all_gather_object(local) if world > 1 else [local]:
-        merged.update(part)
-    return [merged[b] for b in range(len(batches))]
+@dataclass
+class _Runner:
+    """Runs a list of batches over the ranks of ``setup`` and gathers every batch's result."""
+
+    setup: Sharded
+    pad_id: int
+    device: torch.device
+
+    def __call__(self, cap: GradientCapture, batches: list[list[Example]]) -> list[tuple]:
+        """``(grads on CPU, offsets, positions)`` of every batch, on every rank. Batch b is
+        computed by data-parallel rank b mod dp size (every rank of its tensor-parallel group:
+        the group's collectives need them all; its first rank reports it). In lockstep (FSDP)
+        a rank out of batches steps on the shortest one and drops the result."""
+        s = self.setup
+        if not batches:  # the same list on every rank: they all return here
+            return []
+        mine = list(range(s.dp_rank, len(batches), s.dp_size))
+        n_steps = comm.agree(len(mine), "max") if s.lockstep else len(mine)
+        filler = min(range(len(batches)), key=lambda b: sum(len(e.input_ids)
+                                                            for e in batches[b]))
+        local = {}
+        with comm.guarded("computing query gradients"):
+            for step in range(n_steps):
+                b = mine[step] if step < len(mine) else filler
+                out = self._step(cap, batches[b])
+                if step < len(mine) and s.writer:
+                    local[b] = ({k: v.detach().cpu() for k, v in out.grads.items()},
+                                None if out.offsets is None else out.offsets.cpu(),
+                                None if out.positions is None else out.positions.cpu())
+        merged = {}
+        for part in comm.all_gather_object(local):
+            merged.update(part)
+        return [merged[b] for b in range(len(batches))]
+
+    def _step(self, cap: GradientCapture, batch: list[Example]):
+        t = collate(batch, self.pad_id)
+        dev = self.device
+        return cap(t["input_ids"].to(dev), t["attention_mask"].to(dev), t["labels"].to(dev))
 
 
 def _scatter_rows(batches: list[list[int]], outs: list[tuple], n: int) -> list[dict]:
@@ -239,13 +291,13 @@ def single_target_rows(ex: Example) -> list[tuple[int, Example]]:
     return out
 
 
-def _loss_rows(q, model, spec, capture, examples, pad_id, max_tokens, dev) -> None:
+def _loss_rows(q, run: _Runner, model, spec, capture, examples, max_tokens) -> None:
     """Each target token's own loss gradient: one truncated single-target row per token,
     rows of all queries batched under the token budget."""
     specs = [(i, t, row) for i, ex in enumerate(examples) for t, row in single_target_rows(ex)]
     batches = token_budget_batches([len(r.input_ids) for _, _, r in specs], max_tokens)
     with GradientCapture(model, spec, **capture) as cap:
-        outs = _run_batches(cap, [[specs[s][2] for s in b] for b in batches], pad_id, dev)
+        outs = run(cap, [[specs[s][2] for s in b] for b in batches])
     rows = _scatter_rows(batches, outs, len(specs))
     per_ex = [[] for _ in examples]
     pos = [[] for _ in examples]

@@ -98,3 +98,18 @@ def test_sharded_query_gradients_and_scores_equal_one_process(tiny_store, single
     ref = single["matrix"]
     np.testing.assert_allclose(zarr.open_array(str(matrix))[:], ref, rtol=1e-4,
                                atol=1e-6 * np.abs(ref).max())
+
+
+def test_parallel_option_refuses_unknown_modes_and_says_when_it_is_ignored(tiny_store,  # noqa: F811
+                                                                            tmp_path):
+    res = CliRunner().invoke(app, ["query", tiny_store, "--query-store", tiny_store,
+                                   "--parallel", "deepspeed", "--out",
+                                   str(tmp_path / "x.jsonl")], terminal_width=200)
+    assert res.exit_code == 2 and "--parallel must be one of ['none', 'fsdp', 'tp']" in \
+        res.output, res.output
+    res = CliRunner().invoke(app, ["value", tiny_store, "--target-store", tiny_store,
+                                   "--parallel", "fsdp", "--out", str(tmp_path / "v.jsonl")],
+                             terminal_width=200)
+    assert res.exit_code == 0 and "--parallel fsdp is ignored" in res.output, res.output
+    with pytest.raises(ValueError, match="parallel must be one of"):
+        from_file(open_store(tiny_store), str(tmp_path / "x.jsonl"), parallel="zero3")

@@ -1,6 +1,7 @@
 """Query gradients for a store: computed with the model and the store's exact maps (on the GPU
-when there is one, batched under the cache job's token budget, split over ranks), or read from
-a second store cached from the query set.
+when there is one, batched under the cache job's token budget, split over ranks; the model
+whole on every rank, or sharded with FSDP2 / tensor parallelism by the cache job's own path,
+``grass_llm.sharding``), or read from a second store cached from the query set.
 
 Per-token rows (``token_mode``):
 

@@ -62,8 +62,8 @@ def single(tiny_store, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.parametrize(("parallel", "ranks"), [("fsdp", 2), ("tp", 2), ("fsdp", 3)])
-def test_sharded_query_gradients_and_scores_equal_one_process(tiny_store, single, tmp_path,  # noqa: F811
-                                                               parallel, ranks):
+def test_sharded_query_gradients_and_scores_equal_one_process(
+        tiny_store, single, tmp_path, parallel, ranks):  # noqa: F811
     out, matrix = tmp_path / "two.jsonl", tmp_path / "two-m.zarr"
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
               "--master-port", str(_free_port()), "-m", "tests.query_ranks", tiny_store,

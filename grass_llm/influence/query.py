@@ -24,6 +24,7 @@ layer's size.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -148,6 +149,9 @@ def from_file(store: GradientStore, path: str, *, per_token: bool = False,
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     if parallel == "none":
         info = replace(info, device=resolve_device(device))
+    elif str(device) != "auto" and resolve_device(device) != info.device:
+        warnings.warn(f"device={device} is ignored with parallel={parallel}: a sharded model "
+                      f"runs on this rank's device ({info.device})", stacklevel=2)
     setup = shard_model(model, info, parallel, dtype=cfg.get("dtype", "float32"),
                         shard_size=shard_size, tp_size=tp_size)
     del model

@@ -158,6 +158,7 @@ def fit_mask(
     set_: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
                                    help="Any other field (repeatable): tokenizer, adapter, "
                                         "include_bias, reduction, dtype, max_length, "
+                                        "add_bos, add_eos, "
                                         "batch_size, steps, lr, l1, memory_gb, device."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:

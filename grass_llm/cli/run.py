@@ -165,8 +165,7 @@ def fit_mask(
     """Learn FactGraSS's per-layer input/output masks (the GraSS paper's selective mask) from
     a calibration set, and write the file a spec names: factgrass:...,mask=OUT.
 
-    Use the model, layers, bias, seed, loss reduction, add_bos and add_eos of the cache
-    run that will use it.
+    Use the model, layers, bias, seed, loss, add_bos and add_eos of the cache run that uses it.
     """
     from grass_llm.fit_mask import config_from_cli, print_summary, run_fit_mask
 

@@ -116,6 +116,25 @@ def test_queries_get_the_tokens_the_store_recorded_and_old_stores_keep_eos():
     assert Specials.of(tok, None, None) == Specials([BOS], [])
 
 
+def test_the_config_fields_take_true_false_or_null_and_nothing_else():
+    from grass_llm.config import load_config
+    from grass_llm.fit_mask import config_from_cli
+
+    base = ["model=tiny:llama", "data=d.jsonl", "out=o.zarr"]
+    assert load_config(None, base).add_eos is None  # the default: as the tokenizer does
+    cfg = load_config(None, base + ["add_eos=true", "add_bos=false"])
+    assert (cfg.add_bos, cfg.add_eos) == (False, True)
+    assert "add_eos" in cfg.identity_dict()  # a different policy is a different run
+    with pytest.raises(ValueError, match="add_eos must be true, false or null"):
+        load_config(None, base + ["add_eos=yes please"])
+    fit = config_from_cli({"model": "tiny:llama", "data": "d", "targets": "t", "out": "m"},
+                          ["add_eos=true"])
+    assert fit.add_eos is True and fit.add_bos is None
+    with pytest.raises(ValueError, match="add_bos must be true, false or null"):
+        config_from_cli({"model": "tiny:llama", "data": "d", "targets": "t", "out": "m"},
+                        ["add_bos=2"])
+
+
 # ----------------------------------------------------------------------------- the fixture
 
 

@@ -66,6 +66,17 @@ class RunConfig:
     overflow: str = "truncate"
     """Longer documents: ``truncate``, ``chunk`` (consecutive windows, ids ``<id>#<n>``) or
     ``error``."""
+    add_bos: bool | None = None
+    """Put the tokenizer's BOS token before documents and prompts: null (default) as the
+    tokenizer itself does (``tokenizer(text)``: Llama's adds it, GPT-2's and SmolLM2's do
+    not), true always, false never. Never a target (nothing predicts position 0). Chat
+    ``messages`` get what their template renders."""
+    add_eos: bool | None = None
+    """Append the tokenizer's EOS token, as a target, to documents and completions: null
+    (default) as the tokenizer itself does (most do not add it), true always (right only for a
+    model trained with EOS after each document: the loss on an EOS the model never learned
+    dominates every gradient), false never. Chat ``messages`` get what their template
+    renders."""
     on_bad_record: str = "error"
     """Bad input (invalid JSON, empty document, missing field, no target): ``error`` or ``skip``
     (skipped ids and reasons are recorded in the store)."""
@@ -111,6 +122,10 @@ class RunConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got "
                                  f"{getattr(self, name)!r}")
+        for name in ("add_bos", "add_eos"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true, false or null (as the tokenizer does), "
+                                 f"got {getattr(self, name)!r}")
         for name in ("max_length", "max_tokens", "chunk_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

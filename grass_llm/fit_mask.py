@@ -68,6 +68,11 @@ class FitMaskConfig:
     """Model dtype (the gradients are float32 regardless)."""
     max_length: int = 1024
     """Longest sequence in tokens (longer documents are truncated)."""
+    add_bos: bool | None = None
+    """BOS before documents and prompts, as in the run config (null: as the tokenizer does)."""
+    add_eos: bool | None = None
+    """EOS (a target) after documents and completions, as in the run config (null: as the
+    tokenizer does)."""
     n_train: int = 64
     """Training examples in the calibration set (a seeded sample of ``data``)."""
     n_targets: int = 32
@@ -109,6 +114,10 @@ class FitMaskConfig:
                 raise ValueError(f"{fld} must be > 0, got {getattr(self, fld)}")
         if self.l1 < 0:
             raise ValueError(f"l1 must be >= 0, got {self.l1}")
+        for fld in ("add_bos", "add_eos"):
+            if getattr(self, fld) is not None and not isinstance(getattr(self, fld), bool):
+                raise ValueError(f"{fld} must be true, false or null, got "
+                                 f"{getattr(self, fld)!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -139,7 +148,8 @@ class FitMaskSummary:
 def _calibration(path: str, tok, cfg: FitMaskConfig, n: int, what: str) -> list[Example]:
     """A seeded sample of ``n`` examples of a corpus file, tokenized as ``cache`` does."""
     examples = tokenize_records(read_records(path).records, tok, max_length=cfg.max_length,
-                                overflow="truncate").examples
+                                overflow="truncate", add_bos=cfg.add_bos,
+                                add_eos=cfg.add_eos).examples
     minimum = 3 if what == "train" else 1
     if len(examples) < minimum:
         raise ValueError(f"{path}: {len(examples)} usable example(s); the calibration needs at "

@@ -29,6 +29,7 @@ import torch
 from grass_llm.cache_loop import CacheLoop
 from grass_llm.capture import GradientCapture
 from grass_llm.config import RunConfig
+from grass_llm.data.specials import describe_special_tokens
 from grass_llm.models import ADAPTER_LAYERS, enable_activation_checkpointing, weight_sources
 from grass_llm.parallel import comm, init_distributed
 from grass_llm.parallel.dist import inner_size
@@ -66,6 +67,7 @@ def _describe(cfg, corpus, model, tok, name, capture) -> tuple[StoreLayout, dict
         "model": {k: v for k, v in mid.items() if k != "name"},
         "tokenizer": {k: v for k, v in tid.items() if k != "name"},
         "dataset": corpus.identity(),
+        "special_tokens": corpus.special_tokens,  # the policy (in config) and what it added
         "loss_reduction": cfg.reduction,
         "model_dtype": cfg.dtype,
     }
@@ -136,6 +138,8 @@ def run_cache(cfg: RunConfig, *, progress: bool = True) -> Summary:
                                      tokenizer=cfg.tokenizer, seed=cfg.seed,
                                      adapter=cfg.adapter)
     corpus = _open_corpus(cfg, tok, progress=progress and info.is_main)
+    if info.is_main:
+        print(describe_special_tokens(corpus.special_tokens))
     if corpus.n_examples == 0:
         raise ValueError(f"{cfg.data}: no usable example ({corpus.n_skipped} skipped)")
     store, done = _open(cfg, info, corpus, model, tok, name)
@@ -167,7 +171,8 @@ def _open_corpus(cfg, tok, progress: bool):
 
     return TokenizedCorpus.open_or_build(cfg.data, tok, max_length=cfg.max_length,
                                          overflow=cfg.overflow, on_error=cfg.on_bad_record,
-                                         add_eos=True, add_bos=None, progress=progress)
+                                         add_eos=cfg.add_eos, add_bos=cfg.add_bos,
+                                         progress=progress)
 
 
 def _local_size(url: str) -> int | None:

@@ -109,6 +109,7 @@ def test_two_process_store_equals_single_process(single_store, tmp_path, mode):
     out = str(tmp_path / f"{mode}.zarr")
     res = _torchrun(out, "--set", f"parallel={mode}")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    assert res.stdout.count("special tokens:") == 1  # rank 0 says it, once
     assert verify_store(out) == []
     _assert_same_store(out, single_store)
 

@@ -268,10 +268,12 @@ def test_the_key_follows_content_tokenizer_and_settings_but_not_the_path(tmp_pat
         "overflow": lambda: open_corpus(path, tok, cache, overflow="chunk"),
         "on_error": lambda: open_corpus(write_jsonl(tmp_path / "f.jsonl", ROWS[:2]), tok,
                                         cache, on_error="error"),
-        "add_eos": lambda: open_corpus(path, tok, cache, add_eos=False),
+        "add_eos": lambda: open_corpus(path, tok, cache, add_eos=True),
         "add_bos": lambda: open_corpus(path, tok, cache, add_bos=False),
-        # The same tokens as the default (this tokenizer adds BOS itself), but another policy.
+        # The same tokens as the default (this tokenizer adds BOS itself and no EOS), but
+        # another policy.
         "add_bos policy": lambda: open_corpus(path, tok, cache, add_bos=True),
+        "add_eos policy": lambda: open_corpus(path, tok, cache, add_eos=False),
     }
     keys = {name: make().key for name, make in variants.items()}
     assert len(set(keys.values()) | {base.key}) == len(variants) + 1, keys
@@ -373,6 +375,10 @@ def test_reads_by_row_and_the_special_token_policy(tmp_path):
                                 add_bos=True).examples
     assert with_bos.examples(range(len(expected))) == expected
     assert expected[0].input_ids[0] == tok.bos_token_id != old[0].input_ids[0]
+    # What the policy resolved to is recorded with the corpus (the store copies it).
+    assert (corpus.special_tokens["bos"], corpus.special_tokens["eos"]) == ([], [])
+    assert (with_bos.special_tokens["add_bos"], with_bos.special_tokens["bos"]) == \
+        (True, [tok.bos_token_id])
 
 
 def test_an_all_skipped_corpus_and_bad_arguments(tmp_path, tok):

@@ -34,13 +34,19 @@ ROWS = [{"id": "doc-a", "text": "hello world", "n": 1},
         {"id": "doc-c", "text": "what is it", "n": 3}]
 
 
-def make_tokenizer(chat_template=CHAT_TEMPLATE):
+def make_tokenizer(chat_template=CHAT_TEMPLATE, adds=("bos",), eos_token="</s>"):
+    """The word-level tokenizer; ``adds``: what ``tokenizer(text)`` puts around a text by
+    itself (its post-processor): "bos" in front, "eos" at the end; ``eos_token=None``: a
+    tokenizer that defines no EOS token."""
     vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + [f"w{i}" for i in range(200)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+    if adds:
+        front, back = ("<s> " if "bos" in adds else ""), (" </s>" if "eos" in adds else "")
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{front}$A{back}", pair=f"{front}$A $B{back}",
+            special_tokens=[("<s>", BOS), ("</s>", EOS)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token=eos_token,
                                   pad_token="<pad>", unk_token="<unk>")
     tok.chat_template = chat_template
     return tok
@@ -240,23 +246,27 @@ def test_a_broken_json_document_raises_under_either_policy(tmp_path):
 # ----------------------------------------------------------------------------- tokenization
 
 
-def test_text_document_is_all_targets_with_eos(tok):
+def test_text_document_is_all_targets_with_the_tokenizers_own_specials(tok):
+    # This tokenizer adds BOS itself and no EOS (as Llama's does): the default does the same.
     ex, = tokenize_records([text_record("hello world w5")], tok).examples
-    assert ex.input_ids == tok("hello world w5")["input_ids"] + [EOS]
-    assert ex.input_ids == [BOS] + word_ids(tok, "hello world w5") + [EOS]
+    assert ex.input_ids == tok("hello world w5")["input_ids"]
+    assert ex.input_ids == [BOS] + word_ids(tok, "hello world w5")
     assert ex.labels == ex.input_ids and ex.id == "r" and ex.location == "mem:r"
-    plain, = tokenize_records([text_record("hello world")], tok, add_eos=False).examples
-    assert plain.input_ids == [BOS] + word_ids(tok, "hello world")
+    with_eos, = tokenize_records([text_record("hello world")], tok, add_eos=True).examples
+    assert with_eos.input_ids == with_eos.labels == [BOS] + word_ids(tok, "hello world") + [EOS]
 
 
 def test_prompt_tokens_are_masked_exactly(tok):
     record = Record("p", {"prompt": "what is it", "completion": "hello world"}, "mem:p")
     ex, = tokenize_records([record], tok).examples
     prompt, completion = word_ids(tok, "what is it"), word_ids(tok, "hello world")
+    assert ex.input_ids == [BOS] + prompt + completion
+    assert ex.labels == [IGNORE_INDEX] * (1 + len(prompt)) + completion
+    ex, = tokenize_records([record], tok, add_eos=True).examples
     assert ex.input_ids == [BOS] + prompt + completion + [EOS]
     assert ex.labels == [IGNORE_INDEX] * (1 + len(prompt)) + completion + [EOS]
     empty_prompt = Record("q", {"prompt": "", "completion": "w1"}, "mem:q")
-    ex, = tokenize_records([empty_prompt], tok, add_eos=False).examples
+    ex, = tokenize_records([empty_prompt], tok).examples
     assert (ex.input_ids, ex.labels) == ([BOS, tok.convert_tokens_to_ids("w1")],
                                          [IGNORE_INDEX, tok.convert_tokens_to_ids("w1")])
 
@@ -268,17 +278,23 @@ CONVERSATION = [{"role": "system", "content": "w0"},
                 {"role": "assistant", "content": "w3"}]
 
 
-def test_chat_targets_only_assistant_tokens(tok):
+def test_chat_targets_only_assistant_content_and_end_of_turn(tok):
     ex, = tokenize_records([Record("c", {"messages": CONVERSATION}, "mem:c")], tok).examples
     whole = tok.apply_chat_template(CONVERSATION, tokenize=True)
     whole = whole["input_ids"] if isinstance(whole, Mapping) else whole
     assert ex.input_ids == list(whole)
-    # Independent reference: the template renders "<|role|> content </s>" per message.
+    # Independent reference: the template renders "<|role|> content </s>" per message; of an
+    # assistant turn, the content and "</s>" (the special end-of-turn token) are targets, its
+    # header "<|assistant|>" is not. The probe letters are unknown words here (one <unk> id),
+    # so the turn's own content is what the header is found against.
     ids, labels = [], []
     for m in CONVERSATION:
-        turn = word_ids(tok, f"<|{m['role']}|> {m['content']} </s>")
-        ids += turn
-        labels += turn if m["role"] == "assistant" else [IGNORE_INDEX] * len(turn)
+        header, content = word_ids(tok, f"<|{m['role']}|>"), word_ids(tok, m["content"])
+        ids += header + content + [EOS]
+        if m["role"] == "assistant":
+            labels += [IGNORE_INDEX] * len(header) + content + [EOS]
+        else:
+            labels += [IGNORE_INDEX] * (len(header) + len(content) + 1)
     assert (ex.input_ids, ex.labels) == (ids, labels)
 
 
@@ -339,8 +355,8 @@ def test_truncate_keeps_the_first_tokens(tok):
 
 
 def test_chunk_splits_into_windows_and_drops_target_less_ones(tok):
-    full, = tokenize_records([text_record(long_text(19), "d")], tok).examples  # 21 tokens
-    windows = tokenize_records([text_record(long_text(19), "d")], tok, max_length=8,
+    full, = tokenize_records([text_record(long_text(20), "d")], tok).examples  # 21 tokens
+    windows = tokenize_records([text_record(long_text(20), "d")], tok, max_length=8,
                                overflow="chunk").examples
     assert [w.id for w in windows] == ["d#0", "d#1", "d#2"]
     assert [len(w.input_ids) for w in windows] == [8, 8, 5]
@@ -348,8 +364,8 @@ def test_chunk_splits_into_windows_and_drops_target_less_ones(tok):
     assert sum((w.labels for w in windows), []) == full.labels
 
     record = Record("p", {"prompt": long_text(17), "completion": "hello world"}, "mem:p")
-    whole, = tokenize_records([record], tok).examples  # 18 prompt + 3 target tokens
-    result = tokenize_records([record], tok, max_length=8, overflow="chunk")
+    whole, = tokenize_records([record], tok, add_eos=True).examples  # 18 prompt + 3 targets
+    result = tokenize_records([record], tok, max_length=8, overflow="chunk", add_eos=True)
     assert [w.id for w in result.examples] == ["p#2"]
     assert result.examples[0].labels == whole.labels[16:]
     assert [(s.id, s.reason) for s in result.skipped] == [
@@ -363,9 +379,9 @@ def test_chunk_splits_into_windows_and_drops_target_less_ones(tok):
 def test_overflow_error_raises_and_chunk_ids_must_stay_unique(tok):
     for policy in ("error", "skip"):
         with pytest.raises(DataError, match=r"mem:r: 21 tokens exceed max_length=8"):
-            tokenize_records([text_record(long_text(19))], tok, max_length=8,
+            tokenize_records([text_record(long_text(20))], tok, max_length=8,
                              overflow="error", on_error=policy)
-    clash = [text_record("hello", "d#1"), text_record(long_text(19), "d")]
+    clash = [text_record("hello", "d#1"), text_record(long_text(20), "d")]
     with pytest.raises(DataError, match="duplicate example id 'd#1'"):
         tokenize_records(clash, tok, max_length=8, overflow="chunk")
 

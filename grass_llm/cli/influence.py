@@ -102,7 +102,8 @@ def fisher(
 def query(
     store: str = typer.Argument(..., help="Gradient store with Fisher factors."),
     queries: str = typer.Option(None, help="Query file (same formats and fields as a corpus: "
-                                           "text, prompt+completion or messages)."),
+                                           "text, prompt+completion or messages), tokenized "
+                                           "with the store's special tokens."),
     query_store: str = typer.Option(None, help="A store cached from the queries with the same "
                                                "config (no model needed)."),
     top_k: int = typer.Option(10, help="Training examples to report per query (and token)."),
@@ -186,7 +187,8 @@ def self_influence_cmd(
 @app.command()
 def value(
     store: str = typer.Argument(..., help="Gradient store with Fisher factors."),
-    targets: str = typer.Option(None, help="Target set file (corpus format)."),
+    targets: str = typer.Option(None, help="Target set file (corpus format), tokenized with "
+                                           "the store's special tokens."),
     target_store: str = typer.Option(None, help="A store cached from the targets."),
     select: float = typer.Option(None, help="Write this top fraction (0-1] of the training "
                                             "set as a corpus (see --select-format)."),

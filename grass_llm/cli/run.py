@@ -158,13 +158,14 @@ def fit_mask(
     set_: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
                                    help="Any other field (repeatable): tokenizer, adapter, "
                                         "include_bias, reduction, dtype, max_length, "
+                                        "add_bos, add_eos, "
                                         "batch_size, steps, lr, l1, memory_gb, device."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Learn FactGraSS's per-layer input/output masks (the GraSS paper's selective mask) from
     a calibration set, and write the file a spec names: factgrass:...,mask=OUT.
 
-    Use the model, layers, bias, seed and loss reduction of the cache run that will use it.
+    Use the model, layers, bias, seed, loss, add_bos and add_eos of the cache run that uses it.
     """
     from grass_llm.fit_mask import config_from_cli, print_summary, run_fit_mask
 

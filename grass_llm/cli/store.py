@@ -29,7 +29,13 @@ def info(store: str = typer.Argument(..., help="Path or fsspec URL of a gradient
     total_k = sum(x.k for x in lay.layers)
     console.print(f"storage: {lay.dtype}, codec {lay.codec} + crc32c; {total_k:,} numbers per "
                   f"example over {len(lay.layers)} layers; token mode: {lay.token_mode}")
+    from grass_llm.data.specials import describe_special_tokens
+
+    console.print(describe_special_tokens(st.meta.get("special_tokens")), highlight=False,
+                  markup=False)
     for key, value in st.meta.items():
+        if key == "special_tokens":
+            continue  # described above
         text = json.dumps(value, sort_keys=True, default=str)
         console.print(f"{key}: {text if len(text) < 400 else text[:400] + ' ...'}",
                       highlight=False, markup=False)

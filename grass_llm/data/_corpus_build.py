@@ -40,7 +40,8 @@ from grass_llm.data._corpus_worker import (
 )
 from grass_llm.data.readers import CHUNK_BYTES, CHUNK_RECORDS, iter_chunks
 from grass_llm.data.records import Reporter, duplicate_reason
-from grass_llm.data.tokenize import Specials, duplicate_example_reason
+from grass_llm.data.specials import Specials
+from grass_llm.data.tokenize import duplicate_example_reason
 
 SKIPPED_FILE = "skipped.jsonl"
 _BUILD_FILES = ("build_record_ids.bin", "build_record_ids_offsets.i64", "build_record_locs.bin",

@@ -15,14 +15,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from grass_llm.data.readers import parse_chunk
-from grass_llm.data.records import Record, RecordProblem, Skipped, record_id_of
-from grass_llm.data.tokenize import (
+from grass_llm.data.records import (
     IGNORE_INDEX,
     Invalid,
-    Specials,
-    encode_texts,
-    tokenize_record,
+    Record,
+    RecordProblem,
+    Skipped,
+    record_id_of,
 )
+from grass_llm.data.specials import Specials
+from grass_llm.data.tokenize import encode_texts, tokenize_record
 
 _INT32_MAX = np.iinfo(np.int32).max
 

@@ -80,9 +80,12 @@ from grass_llm.data._textio import visible_files
 from grass_llm.data.identity import tokenizer_fingerprint
 from grass_llm.data.readers import resolve_format
 from grass_llm.data.records import Skipped
-from grass_llm.data.tokenize import IGNORE_INDEX, Example, Specials, check_tokenize_args
+from grass_llm.data.specials import Specials, special_tokens_record
+from grass_llm.data.tokenize import IGNORE_INDEX, Example, check_tokenize_args
 
-FORMAT_VERSION = 1
+# 2: an assistant turn's template header is no longer a target (grass_llm.data.chat), and
+# meta.json records the resolved special tokens.
+FORMAT_VERSION = 2
 META_FILE = "meta.json"
 # name -> (file, dtype, length: "n" examples, "n+1", "N" tokens, or the size of a blob)
 _ARRAYS = {"tokens": ("tokens.i32", "<i4", "N"), "mask": ("mask.u8", "u1", "N"),
@@ -112,6 +115,8 @@ class TokenizedCorpus:
         lengths: int32 [n], tokens per example (memory-mapped, as are the next ones).
         n_targets: int32 [n], target tokens among positions 1.. of each example.
         offsets: int64 [n+1]; tokens: int32 [N]; mask: uint8 [N] (see the layout).
+        special_tokens: The special-token policy and what it resolved to
+            (``grass_llm.data.specials.special_tokens_record``).
     """
 
     def __init__(self, path: Path, meta: dict, prefix: str):
@@ -121,6 +126,7 @@ class TokenizedCorpus:
         self.n_examples: int = meta["n_examples"]
         self.n_tokens: int = meta["n_tokens"]
         self.n_skipped: int = meta["n_skipped"]
+        self.special_tokens: dict = meta["special_tokens"]
         sizes = {"n": self.n_examples, "n+1": self.n_examples + 1, "N": self.n_tokens,
                  **meta["blob_bytes"]}
         arrays = {name: _map(path / file, dtype, sizes[size])
@@ -153,8 +159,9 @@ class TokenizedCorpus:
 
     @classmethod
     def open_or_build(cls, data: str | os.PathLike, tokenizer, *, max_length: int,
-                      overflow: str = "truncate", on_error: str = "error", add_eos: bool = True,
-                      add_bos: bool | None = None, format: str = "auto",
+                      overflow: str = "truncate", on_error: str = "error",
+                      add_eos: bool | None = None, add_bos: bool | None = None,
+                      format: str = "auto",
                       split: str | None = None, cache_dir: str | os.PathLike | None = None,
                       num_proc: int | None = None, progress: bool = True) -> TokenizedCorpus:
         """The tokenized corpus of ``data``, built on rank 0 if it is not cached yet. Call it on
@@ -288,7 +295,7 @@ def _read_meta(path: Path) -> dict:
 
 
 def corpus_key(data: Path, fmt: str, split: str | None, tokenizer, specials: Specials, *,
-               max_length: int, overflow: str, on_error: str, add_eos: bool,
+               max_length: int, overflow: str, on_error: str, add_eos: bool | None,
                add_bos: bool | None) -> tuple[str, dict, int]:
     """The cache key of a tokenized corpus (hex), what it was computed from, and the data's
     size in bytes."""
@@ -325,7 +332,8 @@ def content_hash(path: Path) -> tuple[str, int]:
 
 
 def _ensure_built(data: Path, tokenizer, *, max_length: int, overflow: str, on_error: str,
-                  add_eos: bool, add_bos: bool | None, format: str, split: str | None,
+                  add_eos: bool | None, add_bos: bool | None, format: str,
+                  split: str | None,
                   cache_dir, num_proc: int | None, progress: bool) -> Path:
     """The folder of the corpus, built first if it is not there (rank 0 only; no
     collectives)."""
@@ -358,6 +366,8 @@ def _ensure_built(data: Path, tokenizer, *, max_length: int, overflow: str, on_e
                 "blob_bytes": {"ids": (tmp / "ids.bin").stat().st_size,
                                "locs": (tmp / "locs.bin").stat().st_size},
                 "data": str(data), "key_inputs": inputs,
+                "special_tokens": special_tokens_record(tokenizer, add_bos=add_bos,
+                                                        add_eos=add_eos),
                 "build": {"seconds": round(time.perf_counter() - t0, 3), "num_proc": num_proc,
                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ON_ERROR_POLICIES = ("error", "skip")
+IGNORE_INDEX = -100  # the label of a position that is not a target (Hugging Face's convention)
 
 SKIP_HINT = ("Fix or remove the record, or pass on_error='skip' to skip such records "
              "(they are then listed in the result's `skipped`)")
@@ -40,6 +41,11 @@ class DataError(ValueError):
         # Rebuilt from its fields, not from ``args`` (the message): it crosses process
         # boundaries when the corpus is tokenized by a pool of workers.
         return type(self), (self.location, self.reason, self.hint, self.record_id)
+
+
+class Invalid(Exception):
+    """A record-level problem found while tokenizing; ``tokenize_records`` applies the
+    ``on_error`` policy to it."""
 
 
 @dataclass

@@ -7,7 +7,11 @@ record kinds are recognised, per record:
 * ``text``: a plain document; every token is a target (``labels == input_ids``).
 * ``prompt`` + ``completion``: only the completion's tokens are targets.
 * ``messages`` (``[{"role", "content"}, ...]``): rendered with the tokenizer's chat template;
-  only the tokens each assistant message adds are targets.
+  only each assistant message's content and its end-of-turn token are targets
+  (``grass_llm.data.chat``).
+
+BOS and EOS go around documents and completions as the tokenizer itself puts them, unless told
+otherwise (``grass_llm.data.specials``).
 """
 
 from __future__ import annotations
@@ -15,18 +19,21 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-import jinja2
+from grass_llm.data.chat import encode_messages
+from grass_llm.data.records import (
+    IGNORE_INDEX,
+    DataError,
+    Invalid,
+    Record,
+    Reporter,
+    Skipped,
+    check_on_error,
+)
+from grass_llm.data.specials import Specials
 
-from grass_llm.data.records import DataError, Record, Reporter, Skipped, check_on_error
-
-IGNORE_INDEX = -100
 OVERFLOW_POLICIES = ("truncate", "chunk", "error")
 _KINDS = {"text": ("text",), "prompt/completion": ("prompt", "completion"),
           "messages": ("messages",)}
-
-
-class Invalid(Exception):
-    """A record-level problem; ``tokenize_records`` applies the ``on_error`` policy to it."""
 
 
 @dataclass
@@ -67,7 +74,8 @@ class TokenizeResult:
 
 def tokenize_records(records: Iterable[Record], tokenizer, *, max_length: int = 1024,
                      overflow: str = "truncate", on_error: str = "error",
-                     add_eos: bool = True, add_bos: bool | None = None) -> TokenizeResult:
+                     add_eos: bool | None = None, add_bos: bool | None = None
+                     ) -> TokenizeResult:
     """Tokenizes records into examples with target labels.
 
     Args:
@@ -84,10 +92,12 @@ def tokenize_records(records: Iterable[Record], tokenizer, *, max_length: int = 
             unknown or non-string fields, no target token left); ``"skip"`` lists it in
             ``skipped`` and goes on.
         add_eos: Append the tokenizer's EOS token (as a target) to text documents and
-            completions, so the model is scored on ending them. Ignored without an EOS token.
-        add_bos: Put the tokenizer's BOS token before text documents and prompts: None does
-            what the tokenizer does (``tokenizer(text)`` adds it or not), True always, False
-            never. ``messages`` records get what their chat template renders.
+            completions, so the model is scored on ending them: None does what the tokenizer
+            does (``tokenizer(text)`` ends with it or not; most do not, and a model trained
+            without it was never taught to predict it), True always, False never.
+        add_bos: Put the tokenizer's BOS token before text documents and prompts (never a
+            target: nothing predicts position 0): None as the tokenizer does, True always,
+            False never. ``messages`` records get what their chat template renders.
 
     Returns:
         The examples and the skipped entries.
@@ -95,8 +105,8 @@ def tokenize_records(records: Iterable[Record], tokenizer, *, max_length: int = 
     Raises:
         DataError: A bad record (policy ``"error"``), a too-long one (``overflow="error"``), or a
             ``messages`` record with a tokenizer that has no chat template.
-        ValueError: An argument is out of range, or ``add_bos=True`` with a tokenizer that
-            has no BOS token.
+        ValueError: An argument is out of range, or ``add_bos=True`` (``add_eos=True``) with
+            a tokenizer that has no BOS (EOS) token.
     """
     check_tokenize_args(max_length, overflow, on_error)
     specials = Specials.of(tokenizer, add_eos, add_bos)
@@ -170,30 +180,6 @@ def encode_texts(records: Iterable[Record], tokenizer) -> dict[str, list[int]]:
     return dict(zip(texts, out))
 
 
-@dataclass(frozen=True)
-class Specials:
-    """The special tokens added around documents: ``bos`` ([] or [id]), ``eos`` ([] or [id])."""
-
-    bos: list[int]
-    eos: list[int]
-
-    @classmethod
-    def of(cls, tokenizer, add_eos: bool, add_bos: bool | None = None) -> Specials:
-        """See ``tokenize_records`` for ``add_eos`` and ``add_bos``."""
-        bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-        if add_bos and bos_id is None:
-            raise ValueError("add_bos=True, but the tokenizer has no BOS token; pass "
-                             "add_bos=None (as the tokenizer does) or False")
-        if add_bos is None:
-            # Whether the tokenizer itself adds BOS is read off its output, since that is what
-            # the model was trained with (e.g. Llama adds <s>, GPT-2 and Qwen add nothing).
-            plain = _ids(tokenizer, "a", add_special_tokens=False)
-            full = _ids(tokenizer, "a", add_special_tokens=True)
-            add_bos = bos_id is not None and full[:1] == [bos_id] and plain[:1] != [bos_id]
-        return cls([bos_id] if add_bos else [], [eos_id] if add_eos and eos_id is not None
-                   else [])
-
-
 def _ids(tokenizer, text: str, *, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
@@ -243,60 +229,7 @@ def _encode(record: Record, tokenizer, specials: Specials,
         prompt = specials.bos + plain(_string(fields, "prompt", allow_empty=True))
         completion = plain(_string(fields, "completion")) + specials.eos
         return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
-    return _encode_messages(record, tokenizer)
-
-
-def _check_messages(messages) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise Invalid("field 'messages' must be a non-empty list of {'role', 'content'} "
-                       f"objects, found {type(messages).__name__}")
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise Invalid(f"messages[{i}] must be an object, found {type(message).__name__}")
-        for key in ("role", "content"):
-            if not isinstance(message.get(key), str):
-                raise Invalid(f"messages[{i}].{key} must be a string, found "
-                               f"{type(message.get(key)).__name__}")
-
-
-def _render(tokenizer, messages: list) -> list[int]:
-    """``apply_chat_template(messages, tokenize=True)`` as a plain list of ids."""
-    try:
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-    except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as err:
-        raise Invalid(f"the chat template failed on messages[:{len(messages)}]: {err}") from err
-    if isinstance(out, Mapping):  # some transformers versions return a BatchEncoding anyway
-        out = out["input_ids"]
-    return list(out)
-
-
-def _encode_messages(record: Record, tokenizer) -> tuple[list[int], list[int]]:
-    """Ids and labels of a conversation: targets are the tokens each assistant message adds.
-
-    The conversation is rendered prefix by prefix; message i adds
-    ``render(messages[:i+1])[len(render(messages[:i])):]``. This needs a template whose render of
-    a prefix is a prefix of the render of the whole (most are; templates that rewrite earlier
-    turns, e.g. dropping old reasoning, are not). Tokens the template emits before the first
-    message (a default system prompt, say) count as added by the first message.
-    """
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(record.location, "this 'messages' record needs a chat template, but the "
-                        "tokenizer has none", "Set tokenizer.chat_template to a Jinja template, "
-                        "or give the data as 'prompt'/'completion' or 'text'", record.id)
-    messages = record.fields["messages"]
-    _check_messages(messages)
-    ids: list[int] = []
-    labels: list[int] = []
-    for i, message in enumerate(messages):
-        rendered = _render(tokenizer, messages[:i + 1])
-        if rendered[:len(ids)] != ids:
-            raise Invalid(f"the chat template renders messages[:{i}] differently once "
-                           f"messages[{i}] follows, so the tokens of each turn are not "
-                           "well defined; use 'prompt'/'completion' records instead")
-        added = rendered[len(ids):]
-        ids += added
-        labels += added if message["role"] == "assistant" else [IGNORE_INDEX] * len(added)
-    return ids, labels
+    return encode_messages(record, tokenizer)
 
 
 def _fit(record: Record, ids: list[int], labels: list[int], max_length: int, overflow: str,
@@ -332,5 +265,5 @@ def _fit(record: Record, ids: list[int], labels: list[int], max_length: int, ove
     return windows
 
 
-__all__ = ["IGNORE_INDEX", "OVERFLOW_POLICIES", "Example", "Invalid", "Specials", "TokenizeResult",
-           "encode_texts", "tokenize_record", "tokenize_records"]
+__all__ = ["IGNORE_INDEX", "OVERFLOW_POLICIES", "Example", "TokenizeResult", "encode_texts",
+           "tokenize_record", "tokenize_records"]

@@ -6,7 +6,7 @@ short documents on six topics, stating invented facts in several phrasings; writ
 cache (FactGraSS, with per-position token rows) -> Fisher -> token-level query -> HTML report
 with both sides shaded: each response token by its share of the top document's score, and each
 top document's tokens by their share of its score (``token_mode="position"``: the terms
-``delta_t x_t^T`` of the document's gradient: 3,341 token rows of 210 layers x k = 256 in
+``delta_t x_t^T`` of the document's gradient: 3,083 token rows of 210 layers x k = 256 in
 float16, 0.54 GB on disk with each row chunk's token rows padded to whole 1024-row token
 chunks, against 44 MB for the documents' own rows).
 """

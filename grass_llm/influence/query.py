@@ -41,6 +41,7 @@ from grass_llm.data import (
     token_budget_batches,
     tokenize_records,
 )
+from grass_llm.data.specials import recorded_policy  # tokenized as the store's corpus was
 from grass_llm.influence.reader import resolve_device
 from grass_llm.parallel import comm, init_distributed
 from grass_llm.sharding import Sharded, load_on_ranks, shard_model
@@ -83,6 +84,19 @@ def check_same_maps(store: GradientStore, layers: dict[str, tuple[str, int, int]
                              f"{want[name][1]}; query with the store's own configuration")
 
 
+def check_same_special_tokens(store: GradientStore, qstore: GradientStore) -> None:
+    """Refuse a query store whose examples got other BOS/EOS tokens than the store's (a
+    store of an older version, which records none, is not checked)."""
+    got, want = (s.meta.get("special_tokens") for s in (qstore, store))
+    if got is None or want is None:
+        return
+    if (got["bos"], got["eos"]) != (want["bos"], want["eos"]):
+        raise StoreError(f"query store {qstore.url} was cached with other special tokens "
+                         f"(BOS {got['bos']}, EOS {got['eos']}) than {store.url} (BOS "
+                         f"{want['bos']}, EOS {want['eos']}); cache the queries with the "
+                         "store's add_bos / add_eos")
+
+
 def from_store(store: GradientStore, qstore: GradientStore) -> QueryGrads:
     """Precomputed query gradients: a store cached (with the same config) from the queries."""
     check_same_maps(store, {x.name: (x.spec, x.seed, x.k) for x in qstore.layout.layers},
@@ -91,6 +105,7 @@ def from_store(store: GradientStore, qstore: GradientStore) -> QueryGrads:
             qstore.meta.get("model", {}).get("weights_hash"):
         raise StoreError(f"query store {qstore.url} was computed with another model than "
                          f"{store.url}")
+    check_same_special_tokens(store, qstore)
     n = qstore.n_examples
     grads = {x.name: torch.from_numpy(qstore.read_rows(x.name, 0, n))
              for x in qstore.layout.layers}
@@ -145,7 +160,7 @@ def from_file(store: GradientStore, path: str, *, per_token: bool = False,
     if not records:
         raise ValueError(f"{path}: no query (the file is empty)")
     examples = tokenize_records(records, tok, max_length=cfg.get("max_length", 1024),
-                                overflow="truncate").examples
+                                overflow="truncate", **recorded_policy(store.meta, tok)).examples
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     if parallel == "none":
         info = replace(info, device=resolve_device(device))

@@ -59,19 +59,36 @@ def describe_diff(existing, layout: StoreLayout, meta: Mapping) -> str:
         if old_layout.get(key) != value:
             diffs.append(f"layout.{key}")
     old_meta = existing.attrs.get("meta", {})
+    absent = False
     for key in sorted(set(old_meta) | set(meta)):
-        old, new = old_meta.get(key), meta.get(key)
+        old, new = old_meta.get(key, _ABSENT), meta.get(key, _ABSENT)
         if canonical(old) == canonical(new):
             continue
         if isinstance(old, dict) and isinstance(new, dict):  # name the field: meta.config.seed
-            diffs += [f"meta.{key}.{sub} ({_short(old.get(sub))} -> {_short(new.get(sub))})"
-                      for sub in sorted(set(old) | set(new))
-                      if canonical(old.get(sub)) != canonical(new.get(sub))][:5]
+            subs = [sub for sub in sorted(set(old) | set(new))
+                    if sub not in old or sub not in new
+                    or canonical(old[sub]) != canonical(new[sub])][:5]
+            diffs += [f"meta.{key}.{sub} ({_short(old.get(sub, _ABSENT))} -> "
+                      f"{_short(new.get(sub, _ABSENT))})" for sub in subs]
+            absent = absent or any(sub not in old for sub in subs)
         else:
             diffs.append(f"meta.{key}")
+            absent = absent or old is _ABSENT
     if not diffs:
         diffs.append("token counts")
-    return "differs in " + ", ".join(diffs)
+    note = ("; absent: the store was written by an older version, before that field "
+            "existed") if absent else ""
+    return "differs in " + ", ".join(diffs) + note
+
+
+class _Absent:
+    """A field one side of a comparison does not have (shown as ``absent``)."""
+
+    def __repr__(self) -> str:
+        return "absent"
+
+
+_ABSENT = _Absent()
 
 
 def _short(value, width: int = 60) -> str:

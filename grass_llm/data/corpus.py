@@ -6,7 +6,9 @@ token ids, labels, locations), skipped list and errors as
 
 * **built once**: the result is cached under ``<cache root>/corpora/<key>/`` (cache root:
   ``cache_dir``, ``$GRASS_LLM_CACHE`` or ``~/.cache/grass_llm``); a resumed or repeated run
-  opens it in about the time it takes to hash the data file. The key covers the data's content
+  opens it in seconds: the data's content hash is remembered under ``<cache root>/content/``
+  by each file's path, size, times and inode (``grass_llm.data.content``), so an unchanged
+  file is read once. The key covers the data's content
   (the file's bytes; every file's relative path and bytes for a directory), the tokenizer
   (``grass_llm.data.identity.tokenizer_fingerprint``: its definition, special tokens, chat
   template and output on a probe text), ``max_length``, ``overflow``, ``on_error``,
@@ -76,7 +78,7 @@ import numpy as np
 
 from grass_llm.data._corpus_build import SKIPPED_FILE, build
 from grass_llm.data._corpus_worker import absolute_location, from_utf8
-from grass_llm.data._textio import visible_files
+from grass_llm.data.content import content_hash
 from grass_llm.data.identity import tokenizer_fingerprint
 from grass_llm.data.readers import resolve_format
 from grass_llm.data.records import Skipped
@@ -296,10 +298,10 @@ def _read_meta(path: Path) -> dict:
 
 def corpus_key(data: Path, fmt: str, split: str | None, tokenizer, specials: Specials, *,
                max_length: int, overflow: str, on_error: str, add_eos: bool | None,
-               add_bos: bool | None) -> tuple[str, dict, int]:
+               add_bos: bool | None, hashes: Path | None = None) -> tuple[str, dict, int]:
     """The cache key of a tokenized corpus (hex), what it was computed from, and the data's
-    size in bytes."""
-    content, nbytes = content_hash(data)
+    size in bytes; ``hashes``: where content hashes are remembered (``content_hash``)."""
+    content, nbytes = content_hash(data, cache=hashes)
     inputs = {"format_version": FORMAT_VERSION,
               "data": {"format": fmt, "split": split, "content": content},
               "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -308,27 +310,6 @@ def corpus_key(data: Path, fmt: str, split: str | None, tokenizer, specials: Spe
               "specials": {"bos": specials.bos, "eos": specials.eos}}
     key = hashlib.blake2b(json.dumps(inputs, sort_keys=True).encode(), digest_size=16)
     return key.hexdigest(), inputs, nbytes
-
-
-def content_hash(path: Path) -> tuple[str, int]:
-    """Hash (hex) of a file's bytes, or of every visible file's relative path and bytes under a
-    directory (sorted); and the bytes hashed. The path itself is not hashed."""
-    h = hashlib.blake2b(digest_size=16)
-    buf = bytearray(8 << 20)
-    view = memoryview(buf)
-    total = 0
-    files = [(None, path)] if path.is_file() else [(rel, path / rel)
-                                                   for rel in sorted(visible_files(path))]
-    for rel, file in files:
-        if rel is not None:
-            name = rel.encode("utf-8", "surrogatepass")
-            h.update(len(name).to_bytes(8, "little") + name
-                     + file.stat().st_size.to_bytes(8, "little"))
-        with open(file, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                h.update(view[:n])
-                total += n
-    return h.hexdigest(), total
 
 
 def _ensure_built(data: Path, tokenizer, *, max_length: int, overflow: str, on_error: str,
@@ -341,10 +322,12 @@ def _ensure_built(data: Path, tokenizer, *, max_length: int, overflow: str, on_e
 
     fmt = resolve_format(data, format, split)
     specials = Specials.of(tokenizer, add_eos, add_bos)
+    base = cache_root(None if cache_dir is None else str(cache_dir))
     key, inputs, nbytes = corpus_key(data, fmt, split, tokenizer, specials,
                                      max_length=max_length, overflow=overflow,
-                                     on_error=on_error, add_eos=add_eos, add_bos=add_bos)
-    root = cache_root(None if cache_dir is None else str(cache_dir)) / "corpora"
+                                     on_error=on_error, add_eos=add_eos, add_bos=add_bos,
+                                     hashes=base / "content")
+    root = base / "corpora"
     folder = root / key
     if _complete(folder):
         return folder

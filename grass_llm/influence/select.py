@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grass_llm.data.corpus import content_hash
+from grass_llm.data.content import content_hash
 from grass_llm.data.subset import SUFFIX, read_selected, write_subset
 from grass_llm.influence.texts import row_ids, tokenized_corpus
 from grass_llm.store import GradientStore, StoreError

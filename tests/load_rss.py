@@ -13,7 +13,7 @@ strict_dist.install()
 import torch  # noqa: E402
 
 from grass_llm.config import RunConfig  # noqa: E402
-from grass_llm.parallel import comm, init_distributed  # noqa: E402
+from grass_llm.parallel import comm, init_distributed, shutdown  # noqa: E402
 from grass_llm.sharding import load_on_ranks, shard_model  # noqa: E402
 
 
@@ -44,6 +44,8 @@ def main(config_json: str, mode: str, out: str) -> None:
     if comm.rank() == 0:
         with open(out, "w") as f:
             json.dump({"model_bytes": n_bytes, "ranks": rows}, f)
+    comm.barrier()
+    shutdown()  # as the CLI does: a group left to the interpreter's exit can abort it (exit -6)
 
 
 if __name__ == "__main__":

@@ -37,18 +37,7 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-def _end_distributed(*_args, **_kwargs) -> None:
-    """After a command that returned normally: destroy the process group, if the command made
-    one. Left to the interpreter's exit, the group's threads can be torn down while joinable
-    (``terminate called without an active exception``, exit -6 under torchrun, seen with
-    DeepSpeed on gloo), so a finished run would report a failure. Not on an error: a rank that
-    fails leaves while the others may still be inside a collective."""
-    from grass_llm.parallel.dist import shutdown
-
-    shutdown()
-
-
-@app.callback(result_callback=_end_distributed)
+@app.callback()
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),

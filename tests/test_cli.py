@@ -71,3 +71,23 @@ def test_fit_mask_refuses_bad_settings_before_loading_anything():
                        (["--n-train", "2"], "n_train must be >= 3")]:
         res = runner.invoke(app, base + extra, terminal_width=200)
         assert res.exit_code == 2 and msg in res.output, (extra, res.output)
+
+
+def test_the_process_group_is_destroyed_at_exit_only_after_a_command_that_returned(tmp_path):
+    """A real (one-rank gloo) group: destroyed by the exit hook after a command that returned
+    normally, kept after a failed one (other ranks may still be inside a collective)."""
+    import torch.distributed as dist
+
+    from grass_llm.cli._app import end_of_process
+
+    for n, (cmd, ok) in enumerate([(["compressors"], True), (["example", "--k", "1000"], False)]):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'pg{n}'}", rank=0,
+                                world_size=1)
+        try:
+            res = runner.invoke(app, cmd, terminal_width=200)
+            assert (res.exit_code == 0) == ok, res.output
+            end_of_process()
+            assert dist.is_initialized() == (not ok)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()

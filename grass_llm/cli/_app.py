@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+
 import typer
 from rich.console import Console
 
@@ -37,11 +39,35 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+_ended_cleanly = [False]  # did the last command of this process return normally?
+
+
+def _command_returned(*_args, **_kwargs) -> None:
+    _ended_cleanly[0] = True
+
+
+def end_of_process() -> None:
+    """At exit, after a last command that returned normally: destroy the process group, if a
+    command made one. Left to the interpreter's teardown, the group's threads can be destroyed
+    while joinable (``terminate called without an active exception``, exit -6 under torchrun;
+    seen with DeepSpeed on gloo), so a finished run would report a failure. Once per process,
+    not per command: a process may run several commands on one group. Not after a failure: the
+    other ranks may still be inside a collective."""
+    if _ended_cleanly[0]:
+        from grass_llm.parallel.dist import shutdown
+
+        shutdown()
+
+
+atexit.register(end_of_process)
+
+
+@app.callback(result_callback=_command_returned)
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
     """Scalable data attribution for LLMs with GraSS / FactGraSS gradient compression."""
+    _ended_cleanly[0] = False  # until this command returns
 
 

@@ -30,12 +30,12 @@ from grass_llm.cache_loop import CacheLoop
 from grass_llm.capture import GradientCapture
 from grass_llm.config import RunConfig
 from grass_llm.data.specials import describe_special_tokens
-from grass_llm.models import ADAPTER_LAYERS, enable_activation_checkpointing, weight_sources
+from grass_llm.models import ADAPTER_LAYERS, enable_activation_checkpointing
 from grass_llm.parallel import comm, init_distributed
 from grass_llm.parallel.dist import inner_size
 from grass_llm.sharding import load_on_ranks, shard_model
 from grass_llm.store import LayerInfo, StoreLayout, create_store, open_store
-from grass_llm.store.identity import model_identity, tokenizer_identity
+from grass_llm.store.identity import run_model_identity, tokenizer_identity
 
 _MAX_SKIPPED_RECORDED = 1000
 
@@ -59,8 +59,8 @@ class Summary:
 def _describe(cfg, corpus, model, tok, name, capture) -> tuple[StoreLayout, dict]:
     """The store's layout and identity meta (rank 0: hashes every weight of the full
     model)."""
-    mid = model_identity(model, name, sources=weight_sources(cfg.model, adapter=cfg.adapter),
-                         key=f"{cfg.dtype}|seed={cfg.seed}")
+    mid = run_model_identity(model, name, spec=cfg.model, dtype=cfg.dtype, seed=cfg.seed,
+                             adapter=cfg.adapter)
     tid = tokenizer_identity(tok)
     meta = {
         "config": cfg.identity_dict(),

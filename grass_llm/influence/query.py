@@ -46,7 +46,7 @@ from grass_llm.influence.reader import resolve_device
 from grass_llm.parallel import comm, init_distributed
 from grass_llm.sharding import Sharded, load_on_ranks, shard_model
 from grass_llm.store import GradientStore, StoreError
-from grass_llm.store.identity import model_identity
+from grass_llm.store.identity import run_model_identity
 
 
 @dataclass
@@ -183,7 +183,12 @@ def from_file(store: GradientStore, path: str, *, per_token: bool = False,
 
 def _check_model(store: GradientStore, model, cfg: dict, capture: dict, model_path) -> None:
     """Refuse a model whose weights or maps are not the store's (rank 0: the full model)."""
-    if model_identity(model)["weights_hash"] != store.meta.get("model", {}).get("weights_hash"):
+    # The hash is cached by checkpoint file as the cache job's is: an 8B model is hashed once,
+    # not at every query run.
+    ident = run_model_identity(model, None, spec=model_path or cfg["model"],
+                               dtype=cfg.get("dtype", "float32"), seed=cfg.get("seed", 0),
+                               adapter=cfg.get("adapter"))
+    if ident["weights_hash"] != store.meta.get("model", {}).get("weights_hash"):
         raise StoreError(f"the model {model_path or cfg['model']!r} is not the one {store.url} "
                          "was cached with (weights differ); pass the store's model")
     probe = GradientCapture(model, cfg["compressor"], **capture)

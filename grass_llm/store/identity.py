@@ -62,6 +62,17 @@ def model_identity(model: nn.Module, name: str | None = None, *,
     return ident
 
 
+def run_model_identity(model: nn.Module, name: str | None, *, spec: str, dtype: str,
+                       seed: int, adapter: str | None) -> dict:
+    """``model_identity`` of a model loaded from ``spec`` as a run config names it, with the
+    hash cached by checkpoint file: the one key both ``cache`` (what it records) and queries
+    (what they compare with it) use."""
+    from grass_llm.models import weight_sources
+
+    return model_identity(model, name, sources=weight_sources(spec, adapter=adapter),
+                          key=f"{dtype}|seed={seed}")
+
+
 def _identity_cache_file(sources: Sequence[Path], key: str) -> Path:
     from grass_llm.models import cache_root
 

@@ -75,6 +75,16 @@ at::Tensor factgrass(const at::Tensor& x, const at::Tensor& d, const at::Tensor&
   return factgrass_cpu(x, d, idx_in, idx_out, indptr, src, sgn, scale, per_token);
 }
 
+at::Tensor gather_columns(const at::Tensor& x, const at::Tensor& idx) {
+  TORCH_CHECK(is_float(x), "x must be float16, bfloat16, float32 or float64, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.is_contiguous(), "x must be a contiguous tensor of >= 1 dims");
+  check_index(x, idx, "idx", 1);
+  TORCH_CHECK(x.is_cpu(), "gather_columns runs on the CPU only (CUDA tensors use torch's "
+              "index_select), got ", x.device());
+  return gather_columns_cpu(x, idx);
+}
+
 at::Tensor sjlt(const at::Tensor& g, const at::Tensor& indptr, const at::Tensor& src,
                 const at::Tensor& sgn, double scale) {
   check_data(g, "g", 2);
@@ -118,6 +128,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("delta"), py::arg("idx_in"), py::arg("idx_out"),
         py::arg("indptr"), py::arg("src"), py::arg("sgn"), py::arg("scale"),
         py::arg("per_token"));
+  m.def("gather_columns", &grass::gather_columns,
+        "the kept columns of x in the accumulation type, index I reading as 1",
+        py::arg("x"), py::arg("idx"));
   m.def("sjlt", &grass::sjlt, "SJLT of a batch of vectors", py::arg("g"), py::arg("indptr"),
         py::arg("src"), py::arg("sgn"), py::arg("scale"));
   m.def("sjlt_t", &grass::sjlt_t, "transpose SJLT of a batch of vectors", py::arg("y"),

@@ -28,6 +28,8 @@ at::Tensor factgrass_cpu(const at::Tensor& x, const at::Tensor& d, const at::Ten
                          const at::Tensor& idx_out, const at::Tensor& indptr,
                          const at::Tensor& src, const at::Tensor& sgn, double scale,
                          bool per_token);
+// The kept columns of x: [..., I] -> [..., KI] (accumulation type; index I reads as 1).
+at::Tensor gather_columns_cpu(const at::Tensor& x, const at::Tensor& idx);
 // SJLT on a batch of vectors: [B, P] -> [B, K].
 at::Tensor sjlt_cpu(const at::Tensor& g, const at::Tensor& indptr, const at::Tensor& src,
                     const at::Tensor& sgn, double scale);

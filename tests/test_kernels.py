@@ -86,6 +86,42 @@ def test_factgrass_matches_reference(ext, device, dtype, rtol, per_token, T):
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
 
 
+# The CPU kernel tiles M into register blocks of 4 x 64, 8 x 32 and 16 x 16 float32 entries
+# (half the columns for float64): these widths use every block kind, a partial last one, and
+# KO not a multiple of any row count. "direct" is the capture's own call: x holds features that
+# keep every column (idx_in = 0..I-1), read in place instead of gathered.
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("KI,KO", [(16, 1), (32, 5), (48, 9), (112, 17), (128, 67), (131, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_factgrass_every_tile_shape_matches_reference(ext, device, direct, KI, KO, dtype):
+    T, O = 260, 70
+    g = torch.Generator().manual_seed(KI * 100 + KO)
+    I = KI if direct else KI + 9
+    x = torch.randn(2, T, I, generator=g, dtype=torch.float64).to(dtype)
+    d = torch.randn(2, T, O, generator=g, dtype=torch.float64).to(dtype)
+    if direct:
+        idx_in = torch.arange(KI)
+    else:
+        idx_in = torch.from_numpy(np.sort(np.random.default_rng(KI).choice(I + 1, KI, False)))
+    idx_out = torch.from_numpy(np.sort(np.random.default_rng(KO).choice(O, KO, False)))
+    tabs = _to(device, x, d, idx_in.long(), idx_out.long(), *_tables(KI, KO, 37, 2, KI))
+    got = ext.factgrass(*tabs, 0.5, False)
+    want = reference.factgrass(*tabs, 0.5, False)
+    _close(got, want, 1e-12 if dtype == torch.float64 else RTOL32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_host_gather_matches_reference_with_the_bias_column(ext, dtype):
+    x = torch.randn(3, 5000, 41, dtype=torch.float64).to(dtype)  # > one task of rows
+    idx = torch.tensor([0, 3, 4, 17, 40, 41])  # 41 = I: the bias column, read as 1
+    got = kernels.host_gather(x, idx)
+    want = reference.gather_columns(x, idx)
+    assert got.dtype == want.dtype == reference.acc_dtype(x) and got.shape == (3, 5000, 6)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # a copy: exact
+    with pytest.raises(RuntimeError, match="idx entries must lie in"):
+        kernels.host_gather(x, torch.tensor([0, 42]))
+
+
 def _close(got, want, rtol=RTOL32):
     assert got.dtype == want.dtype and got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())

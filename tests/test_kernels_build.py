@@ -42,7 +42,7 @@ class _Fake:
         self.calls += 1
         return self._behaviour(*args)
 
-    factgrass = sjlt = sjlt_t = _call
+    factgrass = sjlt = sjlt_t = gather_columns = _call
 
 
 def _no_kernel(*args):
@@ -158,6 +158,48 @@ def test_launch_failure_falls_back_with_one_warning(fake_ext, monkeypatch):
         kernels.sjlt(torch.randn(2, 35), args["indptr"], args["src"], args["sgn"], 1.0)
     assert fake.calls == 1 and kernels.backend_name(args["x"]) == "reference"
     assert "no kernel image" in build.info()["launch_failures"]["cpu"]
+
+
+def test_prepared_call_refuses_what_the_op_refuses_before_any_kernel_runs(fake_ext):
+    fake = fake_ext()
+    a = _args()
+    tabs = (a["idx_in"], a["idx_out"], a["indptr"], a["src"], a["sgn"])
+    narrow = int(a["idx_out"].max())  # a delta without the last kept column
+    with pytest.raises(ValueError, match=rf"idx_out entries must lie in \[0, {narrow}\)"):
+        kernels.FactGraSSCall(*tabs, 1.0, 29, narrow)
+    call = kernels.FactGraSSCall(*tabs, 1.0, 29, 23)
+    for x, d, message in [(a["x"][:, :, :28], a["delta"], "idx_in entries"),
+                          (a["x"][:0], a["delta"][:0], "empty batch"),
+                          (a["x"], a["delta"][:, :3], "disagree on"),
+                          (a["x"].double(), a["delta"], "both float64"),
+                          (a["x"][0], a["delta"][0], "must be 3-D")]:
+        with pytest.raises(ValueError, match=message):
+            call(x, d, False)
+    tabs[1][0] = 23  # edited in place after the call was built: checked again, refused
+    with pytest.raises(ValueError, match="idx_out entries"):
+        call(a["x"], a["delta"], False)
+    assert fake.calls == 0
+
+
+def test_prepared_call_launch_failure_falls_back_with_one_warning(fake_ext, monkeypatch):
+    def no_image(*a):
+        raise RuntimeError(NO_KERNEL_IMAGE)
+
+    monkeypatch.setenv("GRASS_LLM_KERNELS", "auto")
+    fake = fake_ext(no_image)
+    a = _args()
+    call = kernels.FactGraSSCall(a["idx_in"], a["idx_out"], a["indptr"], a["src"], a["sgn"],
+                                 0.5, 29, 23)
+    want = reference.factgrass(a["x"], a["delta"], a["idx_in"], a["idx_out"], a["indptr"],
+                               a["src"], a["sgn"], 0.5, True)
+    with pytest.warns(RuntimeWarning, match="could not launch on cpu") as rec:
+        got = call(a["x"], a["delta"], True)
+    assert len(rec) == 1 and fake.calls == 1
+    torch.testing.assert_close(got, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, no second launch
+        torch.testing.assert_close(call(a["x"], a["delta"], True), want)
+    assert fake.calls == 1
 
 
 def test_launch_failure_raises_in_extension_mode_and_other_errors_propagate(fake_ext,

@@ -63,4 +63,32 @@ inline void csr_gather(const v_t* v, const int64_t* indptr, const int64_t* src,
   }
 }
 
+// Index-table checks on the host, with plain loops: an ATen reduction per table (min, max,
+// .item()) costs more than a small kernel call itself.
+inline void check_range(const at::Tensor& t, int64_t stop, const char* name, const char* what) {
+  const int64_t* p = t.data_ptr<int64_t>();
+  const int64_t n = t.numel();
+  if (n == 0) return;
+  int64_t lo = p[0], hi = p[0];
+  for (int64_t i = 1; i < n; ++i) {
+    lo = std::min(lo, p[i]);
+    hi = std::max(hi, p[i]);
+  }
+  TORCH_CHECK(lo >= 0 && hi < stop, name, " entries must lie in ", what, ", got values in [",
+              lo, ", ", hi, "]");
+}
+
+// indptr [K+1] a CSR from 0 to nnz = len(src), src entries in [0, width).
+inline void check_csr_host(const at::Tensor& indptr, const at::Tensor& src, int64_t width,
+                           const char* width_name) {
+  const int64_t* ip = indptr.data_ptr<int64_t>();
+  const int64_t k = indptr.numel() - 1;
+  TORCH_CHECK(ip[0] == 0 && ip[k] == src.numel(), "indptr must run from 0 to nnz=",
+              src.numel());
+  for (int64_t j = 0; j < k; ++j) {
+    TORCH_CHECK(ip[j] <= ip[j + 1], "indptr must be non-decreasing");
+  }
+  check_range(src, width, "src", width_name);
+}
+
 }  // namespace grass

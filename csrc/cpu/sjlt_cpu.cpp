@@ -12,11 +12,7 @@ constexpr int64_t kBlock = 512;  // outputs per task
 at::Tensor sjlt_cpu(const at::Tensor& g, const at::Tensor& indptr, const at::Tensor& src,
                     const at::Tensor& sgn, double scale) {
   const int64_t B = g.size(0), P = g.size(1), K = indptr.numel() - 1;
-  TORCH_CHECK(src.numel() == 0 || (src.min().item<int64_t>() >= 0 &&
-                                   src.max().item<int64_t>() < P),
-              "src entries must lie in [0, P=", P, ")");
-  TORCH_CHECK(indptr[-1].item<int64_t>() == src.numel() && indptr[0].item<int64_t>() == 0,
-              "indptr must run from 0 to nnz=", src.numel());
+  check_csr_host(indptr, src, P, "P (columns of g)");
   at::Tensor out = at::empty({B, K}, g.options().dtype(acc_dtype(g)));
   const int64_t blocks = (K + kBlock - 1) / kBlock;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "sjlt_cpu", [&] {
@@ -41,9 +37,7 @@ at::Tensor sjlt_cpu(const at::Tensor& g, const at::Tensor& indptr, const at::Ten
 at::Tensor sjlt_t_cpu(const at::Tensor& y, const at::Tensor& rows, const at::Tensor& signs,
                       double scale) {
   const int64_t B = y.size(0), K = y.size(1), C = rows.size(0), P = rows.size(1);
-  TORCH_CHECK(rows.numel() == 0 || (rows.min().item<int64_t>() >= 0 &&
-                                    rows.max().item<int64_t>() < K),
-              "rows entries must lie in [0, K=", K, ")");
+  check_range(rows, K, "rows", "[0, K) (columns of y)");
   at::Tensor out = at::empty({B, P}, y.options().dtype(acc_dtype(y)));
   const int64_t blocks = (P + kBlock - 1) / kBlock;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "sjlt_t_cpu", [&] {

@@ -41,6 +41,19 @@ def _check_factor(name: str, value: int, limit_name: str, limit: int) -> int:
     return value
 
 
+def _call(calls: dict, x: torch.Tensor, d: torch.Tensor, idx_in: _DeviceCache,
+          idx_out: _DeviceCache, csr, scale: float, per_token: bool) -> torch.Tensor:
+    """The fused kernel through a ``kernels.FactGraSSCall`` kept in ``calls`` per table pair,
+    device and widths: its tables are checked once, not on every layer's every step."""
+    key = (id(idx_in), id(idx_out), x.device, x.shape[-1], d.shape[-1])
+    call = calls.get(key)
+    if call is None:
+        dev = x.device
+        call = calls[key] = kernels.FactGraSSCall(idx_in.get(dev), idx_out.get(dev),
+                                                  *csr.on(dev), scale, x.shape[-1], d.shape[-1])
+    return call(x, d, per_token)
+
+
 class FactGraSS(FactorizedCompressor):
     """Factorized GraSS for one Linear layer: factor masks, outer-product sum, SJLT to k.
 
@@ -83,6 +96,7 @@ class FactGraSS(FactorizedCompressor):
         self._out = _DeviceCache(self.idx_out)
         self._all_in = _DeviceCache(np.arange(k_in, dtype=np.int64))
         self._all_out = _DeviceCache(np.arange(k_out, dtype=np.int64))
+        self._calls: dict = {}
 
     def _learned(self, path: str, want_sha: str | None, layer: str | None):
         """This layer's masks from a mask file, checked against the file's hash and the
@@ -124,6 +138,8 @@ class FactGraSS(FactorizedCompressor):
         n = self.k_in - int(keep_bias)
         if n == self.d_in:  # every column kept: no gather
             xs = x_BTI
+        elif (xs := kernels.host_gather(x_BTI, self._in.get(x_BTI.device))) is not None:
+            return xs  # the CPU extension: gathered, upcast and the bias column in one pass
         else:
             xs = _gather_last(x_BTI, self._in.get(x_BTI.device)[:n])
         xs = xs.to(compute_dtype(x_BTI))
@@ -144,8 +160,8 @@ class FactGraSS(FactorizedCompressor):
         if x.shape[0] == 0:
             return x.new_zeros(*x.shape[:2 if per_token else 1], self.k,
                                dtype=compute_dtype(x))
-        return kernels.factgrass(x, d, idx_in.get(x.device), idx_out.get(x.device),
-                                 *self.sjlt.csr.on(x.device), self.sjlt.scale, per_token)
+        return _call(self._calls, x, d, idx_in, idx_out, self.sjlt.csr, self.sjlt.scale,
+                     per_token)
 
     def __call__(self, x_BTI: torch.Tensor, delta_BTO: torch.Tensor) -> torch.Tensor:
         x, d = self._check(x_BTI, delta_BTO)

@@ -21,9 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from grass_llm import kernels
 from grass_llm.compress.base import compute_dtype, reduce_unfused
-from grass_llm.compress.factorized import FactGraSS, LoGra, _gather_last
+from grass_llm.compress.factorized import FactGraSS, LoGra, _call, _gather_last
 from grass_llm.compress.sparse import CsrTables, _DeviceCache
 
 
@@ -59,6 +58,7 @@ class FactGraSSShard:
         self._csr = CsrTables(full.sjlt.rows[:, flat], full.sjlt.signs[:, flat], full.k)
         self._all_in = _DeviceCache(np.arange(self.n_in, dtype=np.int64))
         self._all_out = _DeviceCache(np.arange(self.n_out, dtype=np.int64))
+        self._calls: dict = {}
 
     def input_features(self, x_BTI: torch.Tensor) -> torch.Tensor:
         """Local x ``[B, T, i1 - i0]`` -> the owned mask columns ``[B, T, n_in]``."""
@@ -75,8 +75,8 @@ class FactGraSSShard:
     def _fused(self, xf, d, idx_out: _DeviceCache, per_token: bool) -> torch.Tensor:
         if self.n_out == 0 or self.n_in == 0 or xf.shape[0] == 0:
             return xf.new_zeros(*xf.shape[:2 if per_token else 1], self.k)
-        return kernels.factgrass(xf, d, self._all_in.get(xf.device), idx_out.get(xf.device),
-                                 *self._csr.on(xf.device), self.full.sjlt.scale, per_token)
+        return _call(self._calls, xf, d, self._all_in, idx_out, self._csr,
+                     self.full.sjlt.scale, per_token)
 
     def reduce(self, xf_BTK: torch.Tensor, delta_BTO: torch.Tensor,
                per_token: bool = False) -> torch.Tensor:

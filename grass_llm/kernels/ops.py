@@ -54,18 +54,23 @@ def _run(kernel, fallback, device: torch.device):
     try:
         return kernel()
     except RuntimeError as exc:
-        text = str(exc)
-        if not any(m in text for m in LAUNCH_ERRORS):
-            raise
-        if build.mode() == "extension":
-            raise RuntimeError(f"GRASS_LLM_KERNELS=extension but the grass_llm kernels failed "
-                               f"to launch on {device}: {text.strip()[:500]}") from exc
-        build.record_launch_failure(device, text)
-        warnings.warn(f"grass_llm: the fused kernels could not launch on {device}, using the "
-                      f"pure-torch reference there instead ({text.strip()[:300]}); "
-                      "`python -m grass_llm.kernels info` shows the build's GPU targets",
-                      RuntimeWarning, stacklevel=4)
-        return fallback()
+        return _launch_failed(exc, fallback, device)
+
+
+def _launch_failed(exc: RuntimeError, fallback, device: torch.device):
+    """What ``_run`` does with a kernel's RuntimeError: re-raise anything but a launch failure."""
+    text = str(exc)
+    if not any(m in text for m in LAUNCH_ERRORS):
+        raise exc
+    if build.mode() == "extension":
+        raise RuntimeError(f"GRASS_LLM_KERNELS=extension but the grass_llm kernels failed "
+                           f"to launch on {device}: {text.strip()[:500]}") from exc
+    build.record_launch_failure(device, text)
+    warnings.warn(f"grass_llm: the fused kernels could not launch on {device}, using the "
+                  f"pure-torch reference there instead ({text.strip()[:300]}); "
+                  "`python -m grass_llm.kernels info` shows the build's GPU targets",
+                  RuntimeWarning, stacklevel=5)
+    return fallback()
 
 
 def backend_name(t: Tensor) -> str:
@@ -104,6 +109,20 @@ def _check_csr(indptr: Tensor, src: Tensor, sgn: Tensor, like: Tensor, width: in
     tables.check_csr(indptr, src, width, what)
 
 
+def _check_factgrass_tables(idx_in: Tensor, idx_out: Tensor, indptr: Tensor, src: Tensor,
+                            sgn: Tensor, like: Tensor, I: int, O: int) -> None:
+    """The tables of a FactGraSS call on ``[.., I]`` x and ``[.., O]`` delta on ``like``'s
+    device: types, devices and every index in range."""
+    _check_index(idx_in, "idx_in", 1, like)
+    _check_index(idx_out, "idx_out", 1, like)
+    if idx_in.numel() == 0 or idx_out.numel() == 0:
+        raise ValueError("idx_in and idx_out must be non-empty")
+    tables.check_range(idx_in, "idx_in", I + 1, f"columns of x, {I} meaning the bias")
+    tables.check_range(idx_out, "idx_out", O, "columns of delta")
+    _check_csr(indptr, src, sgn, like, idx_in.numel() * idx_out.numel(), "positions of the "
+               "masked k_out x k_in outer product")
+
+
 @torch.library.custom_op("grass_llm::factgrass", mutates_args=())
 def factgrass(x: Tensor, delta: Tensor, idx_in: Tensor, idx_out: Tensor, indptr: Tensor,
               src: Tensor, sgn: Tensor, scale: float, per_token: bool) -> Tensor:
@@ -120,16 +139,7 @@ def factgrass(x: Tensor, delta: Tensor, idx_in: Tensor, idx_out: Tensor, indptr:
                          f"{delta.dtype}")
     if delta.device != x.device:
         raise ValueError(f"delta is on {delta.device} but x is on {x.device}")
-    _check_index(idx_in, "idx_in", 1, x)
-    _check_index(idx_out, "idx_out", 1, x)
-    if idx_in.numel() == 0 or idx_out.numel() == 0:
-        raise ValueError("idx_in and idx_out must be non-empty")
-    I, O = x.shape[2], delta.shape[2]
-    tables.check_range(idx_in, "idx_in", I + 1, f"columns of x, {I} meaning the bias")
-    tables.check_range(idx_out, "idx_out", O, "columns of delta")
-    _check_csr(indptr, src, sgn, x, idx_in.numel() * idx_out.numel(), "positions of the "
-               "masked k_out x k_in outer product")
-
+    _check_factgrass_tables(idx_in, idx_out, indptr, src, sgn, x, x.shape[2], delta.shape[2])
     def slow():
         return reference.factgrass(x, delta, idx_in, idx_out, indptr, src, sgn, scale,
                                    per_token)
@@ -193,3 +203,65 @@ def sjlt_t(y: Tensor, rows: Tensor, signs: Tensor, scale: float) -> Tensor:
 @sjlt_t.register_fake
 def _(y, rows, signs, scale):
     return y.new_empty((y.shape[0], rows.shape[1]), dtype=reference.acc_dtype(y))
+
+
+def host_gather(x: Tensor, idx: Tensor) -> Tensor | None:
+    """``x[..., idx]`` in the accumulation dtype (an index equal to ``I`` reads as 1) through
+    the CPU extension, or None where that does not run (a CUDA tensor, no extension, under
+    ``torch.compile``): the caller then gathers with torch. The extension checks ``idx``'s
+    range itself (a plain loop over a few hundred entries)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    ext = _backend(x)
+    return None if ext is None else ext.gather_columns(x.contiguous(), idx)
+
+
+class FactGraSSCall:
+    """``factgrass`` with its tables and widths fixed and checked once: one layer's call in the
+    capture hooks, made on every step.
+
+    The op's own checks (and torch's custom-op dispatch) cost more than the kernel itself on a
+    small layer; here the tables are validated for ``[.., I]`` x and ``[.., O]`` delta when the
+    call is built, and each call only checks what can change: dimensions, widths, batch and
+    token counts, dtypes, devices and the tables' version counters (an in-place edit). Any call
+    that fails those checks, and any call under ``torch.compile``, goes through the op, which
+    raises its precise error (or traces).
+    """
+
+    def __init__(self, idx_in: Tensor, idx_out: Tensor, indptr: Tensor, src: Tensor,
+                 sgn: Tensor, scale: float, I: int, O: int):
+        _check_factgrass_tables(idx_in, idx_out, indptr, src, sgn, idx_in, I, O)
+        self.tables = (idx_in, idx_out, indptr, src, sgn)
+        self._versions = self._table_versions()
+        self.scale, self.I, self.O, self.device = float(scale), int(I), int(O), idx_in.device
+        self._device_name, self._cuda = str(self.device), self.device.type == "cuda"
+        self._fused = self.device.type in ("cpu", "cuda")  # elsewhere: the op's reference
+
+    def _table_versions(self) -> tuple:
+        return tuple(tables.version(t) for t in self.tables)
+
+    def _plain(self, x: Tensor, delta: Tensor) -> bool:
+        # A table edited in place since it was checked goes through the op, which checks it
+        # again (tables.py keys its cache by the version counter too).
+        return (x.dim() == 3 and delta.dim() == 3 and x.shape[2] == self.I
+                and delta.shape[2] == self.O and x.shape[0] == delta.shape[0] > 0
+                and x.shape[1] == delta.shape[1] > 0 and x.device == self.device
+                and delta.device == self.device and x.dtype in _FLOATS
+                and delta.dtype in _FLOATS
+                and (x.dtype == torch.float64) == (delta.dtype == torch.float64)
+                and not torch.compiler.is_compiling()
+                and self._table_versions() == self._versions)
+
+    def __call__(self, x: Tensor, delta: Tensor, per_token: bool) -> Tensor:
+        if not self._plain(x, delta):
+            return factgrass(x, delta, *self.tables, self.scale, per_token)
+        ext = build.extension()
+        if (ext is None or not self._fused or self._device_name in build.launch_failures()
+                or (self._cuda and not ext.with_cuda)):
+            return factgrass(x, delta, *self.tables, self.scale, per_token)  # the reference
+        try:
+            return ext.factgrass(x.contiguous(), delta.contiguous(), *self.tables, self.scale,
+                                 per_token)
+        except RuntimeError as exc:
+            return _launch_failed(exc, lambda: reference.factgrass(
+                x, delta, *self.tables, self.scale, per_token), x.device)

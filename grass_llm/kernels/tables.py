@@ -43,7 +43,8 @@ _known: dict[int, tuple[weakref.ref, int | None, Stats]] = {}
 measured = 0  # tables measured on the device so far (the tests count it)
 
 
-def _version(t: torch.Tensor) -> int | None:
+def version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (bumped by every in-place edit), None for inference tensors."""
     try:
         return t._version
     except RuntimeError:  # inference tensors have no version counter (and are not edited)
@@ -84,7 +85,7 @@ def _store(t: torch.Tensor, stats: Stats) -> None:
                 del _known[key]
 
     with _lock:
-        _known[key] = (weakref.ref(t, forget), _version(t), stats)
+        _known[key] = (weakref.ref(t, forget), version(t), stats)
 
 
 def remember(t: torch.Tensor, array: np.ndarray) -> None:
@@ -95,7 +96,7 @@ def remember(t: torch.Tensor, array: np.ndarray) -> None:
 def stats(t: torch.Tensor) -> Stats:
     """The cached statistics of ``t``, measuring it first if it is new or was edited."""
     entry = _known.get(id(t))
-    if entry is not None and entry[0]() is t and entry[1] == _version(t):
+    if entry is not None and entry[0]() is t and entry[1] == version(t):
         return entry[2]
     s = _measure(t)
     _store(t, s)

@@ -1,0 +1,33 @@
+// The kept input columns of x on the CPU: [N rows, I] -> [N, KI] in the accumulation type, an
+// index equal to I reading as 1 (the bias column). This is what the capture's forward hook keeps
+// of each Linear's input, once per layer and step; parallel over blocks of rows.
+#include "../grass_kernels.h"
+#include "common.h"
+
+namespace grass {
+namespace {
+// Rows per task. The gather is bound by reading x (a few random columns of every 64 bytes
+// touch most cache lines), and waking a second thread cost more than it saved up to a batch of
+// 16 x 128 rows (measured in a capture step): only large batches are split.
+constexpr int64_t kRowsPerTask = 4096;
+}  // namespace
+
+at::Tensor gather_columns_cpu(const at::Tensor& x, const at::Tensor& idx) {
+  const int64_t I = x.size(-1), KI = idx.numel(), N = x.numel() / std::max<int64_t>(I, 1);
+  check_range(idx, I + 1, "idx", "[0, I] (I: the bias column)");
+  auto sizes = x.sizes().vec();
+  sizes.back() = KI;
+  at::Tensor out = at::empty(sizes, x.options().dtype(acc_dtype(x)));
+  const Columns cols(idx.data_ptr<int64_t>(), KI, I);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gather_cpu", [&] {
+    using acc_t = acc_of<scalar_t>;
+    const scalar_t* x_p = x.data_ptr<scalar_t>();
+    acc_t* out_p = out.data_ptr<acc_t>();
+    at::parallel_for(0, N, kRowsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) gather_cols(x_p + r * I, cols, out_p + r * KI);
+    });
+  });
+  return out;
+}
+
+}  // namespace grass

@@ -4,7 +4,8 @@ Usage: python -m tests.store_writer URL RANK WORLD [--kill-at-setitem N] [--crea
 
 Writes the deterministic rows of ``chunk_data`` for the chunks assigned to RANK. With
 ``--kill-at-setitem N`` the process SIGKILLs itself on its N-th Zarr array write, i.e. in the
-middle of a chunk (between layers, before or after the completion marker).
+middle of a chunk (while some of its concurrent layer writes are done and others not, or
+before or after the completion marker).
 """
 
 from __future__ import annotations
@@ -63,16 +64,26 @@ def main() -> None:
     if args.create:
         create_store(args.url, LAYOUT, META)
     if args.kill_at_setitem:
-        original = zarr.Array.__setitem__
+        # Counted over both write paths: the store writes a chunk's arrays as concurrent
+        # AsyncArray.setitem calls, and its completion marker with Array.__setitem__.
+        sync_set, async_set = zarr.Array.__setitem__, zarr.AsyncArray.setitem
         count = [0]
 
-        def setitem(self, key, value):
+        def tick():
             count[0] += 1
             if count[0] == args.kill_at_setitem:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return original(self, key, value)
+
+        def setitem(self, key, value):
+            tick()
+            return sync_set(self, key, value)
+
+        def async_setitem(self, *a, **k):
+            tick()
+            return async_set(self, *a, **k)
 
         zarr.Array.__setitem__ = setitem
+        zarr.AsyncArray.setitem = async_setitem
     write(args.url, args.rank, args.world)
 
 

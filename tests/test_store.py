@@ -114,6 +114,29 @@ def test_nonfinite_rows_fail_or_are_recorded(tmp_path):
     assert any("non-finite" in p for p in verify_store(url))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_rows_staged_in_the_store_dtype_are_checked_and_left_unchanged(tmp_path, dtype):
+    # The cache job hands write_chunk views of one [R, sum k] buffer already in the store's
+    # dtype; they skip the float32 round trip but not the finiteness check.
+    store = create_store(str(tmp_path / "s.zarr"), small_layout(dtype=dtype), META)
+    tdt = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    widths = [x.k for x in LAYERS]
+    buf = torch.linspace(-2, 2, 3 * sum(widths)).reshape(3, -1).to(tdt)
+    buf[2, widths[0]] = float("inf")  # example 2's second layer
+    views = dict(zip([x.name for x in LAYERS], buf.split(widths, dim=1)))
+    before = buf.clone()
+    with pytest.raises(NonFiniteGradientError, match=r"'e2'"):
+        store.write_chunk(0, views, ["e0", "e1", "e2"], [1, 1, 1], [0, 0, 0])
+    store.write_chunk(0, views, ["e0", "e1", "e2"], [1, 1, 1], [0, 0, 0], nonfinite="record")
+    assert torch.equal(buf, before)  # the caller's buffer is not zeroed in place
+    back = open_store(str(tmp_path / "s.zarr"))
+    assert back.group["row_flags"][:3].tolist() == [0, 0, 1]
+    for name, view in views.items():
+        torch.testing.assert_close(torch.from_numpy(back.read_rows(name, 0, 2)),
+                                   view[:2].float(), rtol=0, atol=0)
+        assert (back.read_rows(name, 2, 3) == 0).all()
+
+
 def test_write_errors_are_clear(tmp_path):
     store = create_store(str(tmp_path / "s.zarr"), small_layout(), META)
     good = {x.name: np.ones((3, x.k), np.float32) for x in LAYERS}

@@ -173,7 +173,14 @@ ROWS_NEW = "  + rows: one buffer per batch (after)"
 
 
 def _encode(rows: torch.Tensor) -> np.ndarray:
-    """What GradientStore.write_chunk does to a float16 store's rows before writing them."""
+    """What GradientStore.write_chunk does to a float16 store's rows before writing them: rows
+    already in float16 get one contiguous host copy and a finiteness check; others (the former
+    per-example path's float32 rows) a float32 check and a conversion."""
+    if rows.dtype == torch.float16:
+        out = torch.empty(rows.shape, dtype=rows.dtype)
+        out.copy_(rows)
+        torch.isfinite(out).all(dim=1)
+        return out.numpy()
     x = rows.detach().to("cpu", torch.float32).numpy()
     np.isfinite(x).all(axis=1)
     return x.astype(np.float16)

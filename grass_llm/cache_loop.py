@@ -36,6 +36,18 @@ def plan_steps(store, lengths: np.ndarray, chunks: list[int],
     return steps
 
 
+def _columns_of(buf: torch.Tensor, views: list[torch.Tensor]) -> bool:
+    """Whether ``views`` are ``buf``'s consecutive column blocks, in order (the store's layer
+    order is the capture's)."""
+    off = 0
+    for v in views:
+        if (v.data_ptr() != buf.data_ptr() + off * buf.element_size() or v.dtype != buf.dtype
+                or v.shape[0] != buf.shape[0]):
+            return False
+        off += v.shape[1]
+    return off == buf.shape[1]
+
+
 @dataclass
 class _Staged:
     """One batch's rows on their way to the host (``event`` marks the copy's end on GPUs)."""
@@ -58,6 +70,9 @@ def stage_batch(c: int, idx: np.ndarray, out, names: list[str], dtype: torch.dty
     grads = [out.grads[n] for n in names]
     if out.offsets is None:
         rows, tokens = torch.cat(grads, 1), None
+    elif out.token_rows is not None and _columns_of(out.token_rows, grads):
+        # position mode, streamed: the capture's own buffer, already in the store's dtype
+        rows, tokens = out.example_rows, out.token_rows.to(dtype)
     else:
         tok32 = torch.cat(grads, 1)
         ex = torch.repeat_interleave(torch.arange(len(idx), device=tok32.device),

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from grass_llm.cache_loop import CacheLoop
+from grass_llm.cache_loop import STORE_TORCH_DTYPES, CacheLoop
 from grass_llm.capture import GradientCapture
 from grass_llm.config import RunConfig
 from grass_llm.data.specials import describe_special_tokens
@@ -151,7 +151,8 @@ def run_cache(cfg: RunConfig, *, progress: bool = True) -> Summary:
     capture = GradientCapture(setup.module, cfg.compressor, layers=cfg.layers,
                               exclude=cfg.exclude, seed=cfg.seed, reduction=cfg.reduction,
                               token_mode=cfg.token_mode, include_bias=cfg.include_bias,
-                              tp_group=setup.tp_group, keep_trainable=setup.keep)
+                              tp_group=setup.tp_group, keep_trainable=setup.keep,
+                              token_dtype=STORE_TORCH_DTYPES[store.layout.dtype])
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     loop = CacheLoop(cfg, setup, store, corpus, capture, pad_id, info.device,
                      progress and info.is_main, done)

@@ -176,6 +176,26 @@ def test_token_mode_store_rows_sum_to_examples(tmp_path):
         _assert_rows_close(toks.sum(0, keepdims=True), store.read_rows(name, i, i + 1), name)
 
 
+def test_position_mode_store_matches_a_per_example_store(tmp_path):
+    # Position mode streams each layer's rows into the batch's buffer during backward; its
+    # example rows (sums of the positions' float32 rows) must equal an independent per-example
+    # run's, and its token rows must add up to them too.
+    plain, pos = str(tmp_path / "plain.zarr"), str(tmp_path / "pos.zarr")
+    for out, extra in ((plain, ()), (pos, ("--set", "token_mode=position"))):
+        res = CliRunner().invoke(app, _cache_args(out, *extra), terminal_width=200)
+        assert res.exit_code == 0, res.output
+    a, b = open_store(plain), open_store(pos)
+    assert verify_store(pos) == [] and a.layer_names == b.layer_names
+    for name in a.layer_names:
+        _assert_rows_close(b.read_rows(name, 0, b.n_examples), a.read_rows(name, 0, a.n_examples),
+                           name)
+    name = b.layer_names[-1]
+    for i in range(b.n_examples):
+        toks = b.read_example_tokens(name, i)
+        assert toks.shape[0] >= b.group["n_targets"][i]  # every position, not only targets
+        _assert_rows_close(toks.sum(0, keepdims=True), b.read_rows(name, i, i + 1), name)
+
+
 def test_lora_adapter_attribution_equals_per_example_backward(tmp_path):
     peft = pytest.importorskip("peft")
     import torch.nn.functional as F

@@ -169,6 +169,44 @@ def test_token_level_position_mode_sums_to_example():
         assert_rows_close(sums, per_ex.grads[name])
 
 
+def test_position_mode_streams_rows_with_one_layer_block_alive_at_a_time(monkeypatch):
+    import weakref
+
+    from grass_llm.capture import tokens
+
+    model = tiny_model("llama", dtype=torch.float64)
+    batch = pad_batch(make_examples(), "right")
+    spec = "factgrass:k=16,k_in=6,k_out=5"
+    with GradientCapture(model, spec, seed=0) as cap:
+        per_ex = cap(*batch)
+    blocks, alive = [], []
+    put = tokens.TokenRows.put
+
+    def watched(self, name, block):
+        alive.append(sum(r() is not None for r in blocks))  # earlier layers' blocks
+        blocks.append(weakref.ref(block))
+        put(self, name, block)
+
+    monkeypatch.setattr(tokens.TokenRows, "put", watched)
+    with GradientCapture(model, spec, seed=0, token_mode="position") as cap:
+        pos = cap(*batch)
+    monkeypatch.undo()
+    assert len(alive) == len(cap.layers) and max(alive) == 0
+    width = sum(c.k for c in cap.compressors.values())
+    assert pos.token_rows.shape == (sum(LENGTHS), width)
+    assert pos.token_rows.dtype == torch.float64 and pos.example_rows.dtype == torch.float64
+    for name, rows in pos.grads.items():
+        assert rows.data_ptr() >= pos.token_rows.data_ptr()  # a view into the one buffer
+        a = sum(c.k for c in list(cap.compressors.values())[:list(cap.layers).index(name)])
+        assert_rows_close(pos.example_rows[:, a:a + rows.shape[1]], per_ex.grads[name])
+    with GradientCapture(model, spec, seed=0, token_mode="position",
+                         token_dtype=torch.float16) as cap:
+        half = cap(*batch)
+    assert half.token_rows.dtype == torch.float16  # rounded once, from the same values
+    torch.testing.assert_close(half.token_rows, pos.token_rows.to(torch.float16), rtol=0, atol=0)
+    torch.testing.assert_close(half.example_rows, pos.example_rows, rtol=0, atol=0)
+
+
 def test_no_weight_gradients_outputs_unchanged_and_hooks_removed():
     model = tiny_model("llama")
     model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # a user's own frozen param

@@ -23,9 +23,11 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from grass_llm.capture.batch import check_batch, right_align, row_example
 from grass_llm.capture.layers import select_layers
+from grass_llm.capture.setup import deterministic_mode, shard_view
+from grass_llm.capture.tokens import TokenRows
 from grass_llm.capture.loss import (
-    IGNORE,
     REDUCTIONS,
     expand_per_token,
     per_example_loss,
@@ -33,7 +35,6 @@ from grass_llm.capture.loss import (
 )
 from grass_llm.compress import FactorizedCompressor, build_compressor, derive_seed
 from grass_llm.compress.base import compute_dtype
-from grass_llm.compress.sharded import shard_compressor
 from grass_llm.parallel import comm
 
 TOKEN_MODES = (None, "loss", "position")
@@ -50,6 +51,10 @@ class CaptureOutput:
         offsets: token modes: ``[B + 1]``, rows of example b are ``offsets[b]:offsets[b+1]``.
         positions: token modes: ``[N]`` sequence position of each row's token (its label
             position in ``loss`` mode; its input position in ``position`` mode).
+        token_rows: ``position`` mode: the ``[N, sum k]`` buffer (layers in capture order) that
+            ``grads`` are column views of, written per layer during backward (``tokens``).
+        example_rows: ``position`` mode: ``[B, sum k]`` each example's row, the sum of its
+            positions' rows, in the compute dtype.
     """
 
     grads: dict[str, torch.Tensor]
@@ -57,6 +62,8 @@ class CaptureOutput:
     n_targets: torch.Tensor
     offsets: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    token_rows: torch.Tensor | None = None
+    example_rows: torch.Tensor | None = None
 
 
 class GradientCapture:
@@ -80,6 +87,8 @@ class GradientCapture:
             the example's gradient, from a single backward pass).
         include_bias: give layers that have a bias a bias column in their compressed gradient.
         token_batch_size: rows per forward/backward in ``loss`` mode (default: the batch size).
+        token_dtype: ``position`` mode: the dtype its rows are kept in (e.g. the store's), each
+            layer's rows rounded to it as they arrive; None keeps the compute dtype.
         tp_group: the tensor-parallel process group when the model's Linear layers were
             parallelized with DTensor (``grass_llm.parallel.apply_tp``): each rank then
             compresses its local shard on global indices and the partial vectors are summed
@@ -92,7 +101,8 @@ class GradientCapture:
                  exclude: Sequence[str] | None = None, seed: int = 0, reduction: str = "sum",
                  token_mode: str | None = None, include_bias: bool = True,
                  token_batch_size: int | None = None, tp_group=None,
-                 keep_trainable: Sequence[nn.Parameter] = ()):
+                 keep_trainable: Sequence[nn.Parameter] = (),
+                 token_dtype: torch.dtype | None = None):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if token_mode not in TOKEN_MODES:
@@ -103,6 +113,10 @@ class GradientCapture:
         self.model, self.spec, self.seed = model, spec, seed
         self.reduction, self.token_mode = reduction, token_mode
         self.token_batch_size = token_batch_size
+        if token_dtype is not None and not token_dtype.is_floating_point:
+            raise ValueError(f"token_dtype must be a floating-point dtype, got {token_dtype}")
+        self.token_dtype = token_dtype
+        self._sink: TokenRows | None = None
         self.layers = select_layers(model, layers, exclude)
         self.compressors = {}
         self._bias: dict[str, bool] = {}
@@ -123,7 +137,7 @@ class GradientCapture:
         # What the hooks apply per layer: the compressor, or its tensor-parallel shard view.
         self.tp_group = tp_group
         self._keep = {id(p) for p in keep_trainable}
-        self._ops = {name: _shard_view(comp, self.layers[name], tp_group)
+        self._ops = {name: shard_view(comp, self.layers[name], tp_group)
                      for name, comp in self.compressors.items()}
         self._handles: list = []
         self._feats: dict[str, torch.Tensor] = {}
@@ -154,7 +168,7 @@ class GradientCapture:
                              getattr(getattr(m, "config", None), "use_cache", None))
         for p in m.parameters():
             p.requires_grad_(id(p) in self._keep)
-        self._dropout_saved = _deterministic_mode(m)
+        self._dropout_saved = deterministic_mode(m)
         if self._saved_state[2] is not None:
             m.config.use_cache = False
         emb = m.get_input_embeddings()
@@ -184,6 +198,7 @@ class GradientCapture:
         op = self._ops[name]
         bias = self._bias[name]
         reduce_in = getattr(op, "reduce_input", False)
+        on_grad = self._grad_hook(name)  # made once: the same closure every step
 
         def hook(module, args, output):
             if not torch.is_grad_enabled() or not output.requires_grad:
@@ -203,7 +218,7 @@ class GradientCapture:
                 if bias:
                     x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
                 self._feats[name] = x
-            output.register_hook(self._grad_hook(name))
+            output.register_hook(on_grad)
             return None
 
         return hook
@@ -234,6 +249,9 @@ class GradientCapture:
             if name in self._results:
                 raise RuntimeError(f"layer {name} received two output gradients in one step; "
                                    "modules called more than once per forward are not supported")
+            if self._sink is not None:  # position mode: rows written out now, block freed
+                self._sink.put(name, res)
+                res = None
             self._results[name] = res
             return None
 
@@ -252,25 +270,36 @@ class GradientCapture:
         """
         if not self._handles:
             raise RuntimeError("use GradientCapture as a context manager: `with ... as cap:`")
-        input_ids, attention_mask, labels = _check_batch(input_ids, attention_mask, labels)
+        input_ids, attention_mask, labels = check_batch(input_ids, attention_mask, labels)
         # Left padding is moved to the right: results are identical (positions come from the
         # mask), and no query row is left with every key masked, which makes some attention
         # kernels (transformers' eager softmax on float64) produce NaN that backward spreads.
-        input_ids, attention_mask, labels, start = _right_align(input_ids, attention_mask,
+        input_ids, attention_mask, labels, start = right_align(input_ids, attention_mask,
                                                                 labels)
         if self.token_mode == "loss":
             out = self._per_token_loss(input_ids, attention_mask, labels)
-            out.positions = out.positions + start[_row_example(out.offsets)]
+            out.positions = out.positions + start[row_example(out.offsets)]
             return out
-        grads, loss, n = self._step(input_ids, attention_mask, labels)
         if self.token_mode == "position":
-            real = attention_mask.bool()
-            grads = {k: v[real] for k, v in grads.items()}
-            counts = real.sum(1)
-            offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-            positions = real.nonzero(as_tuple=True)[1] + start[_row_example(offsets)]
-            return CaptureOutput(grads, loss, n, offsets, positions)
+            return self._per_position(input_ids, attention_mask, labels, start)
+        grads, loss, n = self._step(input_ids, attention_mask, labels)
         return CaptureOutput(grads, loss, n)
+
+    def _per_position(self, input_ids, attention_mask, labels, start) -> CaptureOutput:
+        real = attention_mask.bool()
+        partial = frozenset(k for k in self.layers if getattr(self._ops[k], "partial", False))
+        sink = TokenRows(real, {k: c.k for k, c in self.compressors.items()}, self.token_dtype,
+                         partial, self.tp_group)
+        self._sink = sink
+        try:
+            _, loss, n = self._step(input_ids, attention_mask, labels)
+        finally:
+            self._sink = None
+        sink.finish()
+        counts = real.sum(1)
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        positions = real.nonzero(as_tuple=True)[1] + start[row_example(offsets)]
+        return CaptureOutput(sink.views(), loss, n, offsets, positions, sink.rows, sink.example)
 
     def _step(self, input_ids, attention_mask, labels):
         self._feats.clear()
@@ -291,7 +320,8 @@ class GradientCapture:
                                f"e.g. {missing[:3]}; they do not influence the loss")
         grads, self._results = self._results, {}
         self._feats.clear()
-        self._sum_partials(grads)
+        if self._sink is None:  # streamed rows are reduced by the sink
+            self._sum_partials(grads)
         return grads, loss.detach(), n
 
     def _sum_partials(self, grads: dict[str, torch.Tensor]) -> None:
@@ -326,56 +356,9 @@ class GradientCapture:
         return CaptureOutput(grads, loss, n, exp.offsets, exp.position)
 
 
-def _deterministic_mode(model: nn.Module) -> list[tuple[nn.Module, float]]:
-    """Eval mode, except decoder layers with gradient checkpointing on (transformers only
-    checkpoints in training mode), which stay in train mode with every dropout disabled.
-
-    Returns the modules whose float ``attention_dropout`` was zeroed, with the old values.
-    """
-    model.eval()
-    ckpt = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    saved = []
-    for layer in ckpt:
-        layer.train()
-        for sub in layer.modules():
-            if isinstance(sub, nn.Dropout):
-                sub.eval()
-            drop = getattr(sub, "attention_dropout", None)
-            if isinstance(drop, float) and drop != 0.0:
-                saved.append((sub, drop))
-                sub.attention_dropout = 0.0
-    return saved
-
-
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (tensor-parallel activations), or the tensor itself."""
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _shard_view(comp, module: nn.Module, tp_group):
-    """The compressor, or (tensor parallel) the view of it that this rank's shard computes."""
-    weight = module.weight
-    if tp_group is None or not isinstance(weight, DTensor):
-        return comp
-    if not isinstance(comp, FactorizedCompressor):
-        raise ValueError(f"tensor parallelism needs a factorized compressor (factgrass, logra); "
-                         f"{comp.name!r} needs each layer's whole gradient")
-    try:  # private torch API, imported only here: its absence must not break plain capture
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    except ImportError as err:
-        raise RuntimeError(
-            "tensor-parallel capture needs torch.distributed.tensor._utils."
-            f"compute_local_shape_and_global_offset, which torch {torch.__version__} does not "
-            "have; use a torch version grass_llm supports for tensor parallelism, or capture "
-            "without tp_group (FSDP2 / ZeRO-3 / a single device)") from err
-    local_shape, offset = compute_local_shape_and_global_offset(
-        weight.shape, weight.device_mesh, weight.placements)
-    out_range = (offset[0], offset[0] + local_shape[0])
-    in_range = (offset[1], offset[1] + local_shape[1])
-    rowwise = in_range != (0, module.in_features)
-    # A rowwise layer's bias is replicated: only the group's first rank counts its column.
-    own_bias = not rowwise or comm.rank(tp_group) == 0
-    return shard_compressor(comp, out_range, in_range, own_bias)
 
 
 def _embedding_leaf(module, args, output):
@@ -391,45 +374,3 @@ def _materialized(comp, x_BTI, d_BTO, per_position: bool) -> torch.Tensor:
         return comp.apply_unchecked(g).reshape(B, T, comp.k)
     g = torch.einsum("bto,bti->boi", d_BTO, x_BTI).reshape(x_BTI.shape[0], -1)
     return comp.apply_unchecked(g)
-
-
-def _row_example(offsets: torch.Tensor) -> torch.Tensor:
-    """``[N]`` example index of each row, from ``[B + 1]`` offsets."""
-    counts = offsets[1:] - offsets[:-1]
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=offsets.device), counts)
-
-
-def _right_align(input_ids, attention_mask, labels):
-    """Move each row's real tokens to the front. Returns the rolled tensors and ``start [B]``,
-    each row's original offset of its first real token."""
-    real = attention_mask.bool()
-    n = real.sum(1)
-    start = torch.where(n > 0, real.long().argmax(1), torch.zeros_like(n))
-    T = input_ids.shape[1]
-    idx = torch.arange(T, device=input_ids.device)
-    if bool((real != ((idx >= start[:, None]) & (idx < (start + n)[:, None]))).any()):
-        raise ValueError("attention_mask must be one contiguous run of 1s per row (left or "
-                         "right padding); packed or holed masks are not supported")
-    if not bool(start.any()):
-        return input_ids, attention_mask, labels, start
-    src = (idx[None, :] + start[:, None]) % T
-    roll = lambda t: torch.gather(t, 1, src)  # noqa: E731
-    return roll(input_ids), roll(attention_mask), roll(labels), start
-
-
-def _check_batch(input_ids, attention_mask, labels):
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError("input_ids must be a [B, T] tensor")
-    if input_ids.shape[0] == 0:
-        raise ValueError("empty batch")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {list(attention_mask.shape)} must match input_ids "
-                         f"{list(input_ids.shape)}")
-    if labels is None:
-        labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
-    if labels.shape != input_ids.shape:
-        raise ValueError(f"labels {list(labels.shape)} must match input_ids "
-                         f"{list(input_ids.shape)}")
-    return input_ids, attention_mask, labels

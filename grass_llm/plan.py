@@ -345,7 +345,12 @@ def _memory(cfg: PlanConfig, config, counts: dict, lays: list[LayerPlan], tp: in
     # a row-parallel layer's rank sees 1/tp of x, so keeps ~1/tp of the k_in masked columns
     feats = tokens * 4 * sum(x.feat_in / tp if x.name.endswith(ROWWISE) else x.feat_in
                              for x in lays)
-    results = (tokens if cfg.token_mode == "position" else rows_step) * numbers * 4
+    if cfg.token_mode == "position":  # streamed per layer (capture/tokens.py): the batch's
+        # rows in the store dtype, one layer's float32 block, the examples' float32 sums
+        results = (tokens * numbers * STORE_BYTES[cfg.store_dtype]
+                   + tokens * max(x.k for x in lays) * 4 + rows_step * numbers * 4)
+    else:
+        results = rows_step * numbers * 4
     materialized = rows_step * max((x.d_out * (x.d_in + x.bias) for x in lays
                                     if x.materializes), default=0) * 4
     items = {"weights": weights, "activations": acts, "logits_and_loss": logits,

@@ -378,7 +378,8 @@ def main() -> None:
     ap.add_argument("--store-dtype", choices=sorted(STORE_BYTES), default="float16",
                     help="storage dtype for the bytes-per-token column")
     ap.add_argument("--profile", action="store_true",
-                    help="print where one FactGraSS step's time goes (tools/capture_profile.py) "
+                    help="print where one FactGraSS step's time goes, and what the hooks cost "
+                         "before doing any work (tools/capture_profile.py) "
                          "instead of the tables")
     args = ap.parse_args()
     tables = [] if args.scaling == "none" else [t.strip() for t in args.scaling.split(",")]
@@ -396,14 +397,16 @@ def main() -> None:
           f"'{kernels.backend_name(torch.zeros(1, device=device))}'")
     t0 = time.perf_counter()
     if args.profile:
-        from capture_profile import print_profile, profile
+        from capture_profile import machinery, print_machinery, print_profile, profile
 
         spec = next(v for k, v in SETTINGS[args.setting].items() if k.startswith("FactGraSS"))
         batches = make_batches(model.config.vocab_size, args.docs * args.seq, args.seq,
                                args.batch * args.seq, device=model.device)
-        print_profile(profile(model, batches, spec, args.repeats),
-                      f"profile of one step: {spec}, {len(batches)} batches of "
-                      f"{batches[0].shape[0]} x {args.seq} tokens, medians of {args.repeats}")
+        what = (f"{spec}, {len(batches)} batches of {batches[0].shape[0]} x {args.seq} tokens, "
+                f"medians of {args.repeats}")
+        print_profile(profile(model, batches, spec, args.repeats), f"profile of one step: {what}")
+        print_machinery(machinery(model, batches, spec, args.repeats),
+                        f"the hooks' machinery alone, side by side with the floor: {what}")
         return
     main_table(args, model)
     for what in tables:

@@ -18,6 +18,11 @@ host-side row handling and the store write. Measured per step, medians over the 
                      thread)
 
 The floor and the hooked step run on the same batches, interleaved within each repeat.
+
+``machinery`` measures what the hooks cost before they do any work, side by side with the floor:
+the capture with forward hooks that only mark their layer (module hook dispatch and the
+capture's per-batch set-up), then with each forward hook also registering a tensor hook that
+does nothing (autograd's per-layer Python callback), then the whole capture.
 """
 
 from __future__ import annotations
@@ -182,3 +187,63 @@ def print_profile(rows: list[tuple[str, float]], title: str) -> None:
     print("|---|---:|---:|")
     for name, secs in rows:
         print(f"| {name} | {secs * 1e3:,.2f} | {secs / total:.1%} |")
+
+
+class _Empty(GradientCapture):
+    """The capture's machinery without its work: forward hooks that mark their layer as done,
+    optionally registering a tensor hook that does nothing."""
+
+    register = False
+
+    def _forward_hook(self, name):
+        def hook(module, args, output):
+            if self.register:
+                output.register_hook(_nothing)
+            self._results[name] = None
+
+        return hook
+
+
+class _EmptyRegistering(_Empty):
+    register = True
+
+
+def _nothing(grad):
+    return None
+
+
+def machinery(model, batches, spec: str, repeats: int) -> list[tuple[str, float]]:
+    """``[(what, seconds per step)]``, medians of interleaved repeats (see the docstring)."""
+    caps = {"capture, forward hooks that do nothing": _Empty(model, spec, seed=0),
+            "  + a tensor hook per layer that does nothing": _EmptyRegistering(model, spec,
+                                                                               seed=0),
+            "capture (all of it)": GradientCapture(model, spec, seed=0)}
+    times: dict[str, list[float]] = defaultdict(list)
+    for r in range(repeats + 1):  # the first pass warms up
+        acc: dict[str, float] = defaultdict(float)
+        for ids in batches:
+            _fwd_bwd(model, ids, acc, None)
+        floor = acc["model forward"] + acc["loss"] + acc["model backward"]
+        step = {"floor (forward + loss + backward)": floor}
+        for name, cap in caps.items():
+            with cap:
+                _sync()
+                t = time.perf_counter()
+                for ids in batches:
+                    cap(ids)
+                _sync()
+                step[name] = time.perf_counter() - t
+        if r:
+            for name, secs in step.items():
+                times[name].append(secs / len(batches))
+    return [(name, statistics.median(ts)) for name, ts in times.items()]
+
+
+def print_machinery(rows: list[tuple[str, float]], title: str) -> None:
+    floor = rows[0][1]
+    print(f"\n{title}\n")
+    print("| step | ms per step | over the floor, ms | vs floor |")
+    print("|---|---:|---:|---:|")
+    for name, secs in rows:
+        print(f"| {name} | {secs * 1e3:,.2f} | {(secs - floor) * 1e3:,.2f} | "
+              f"{floor / secs:.2f} |")

@@ -11,6 +11,10 @@ A kernel that fails to *launch* (a GPU the build has no code for: "no kernel ima
 available", an unsupported PTX version, too many resources) falls back to ``reference`` with one
 warning in ``auto`` mode, and the device is not tried again in this process;
 ``GRASS_LLM_KERNELS=extension`` raises instead. Shapes: see ``reference``.
+
+The capture's hooks call each layer's kernel through ``FactGraSSCall`` (tables checked once
+for the layer, then only the call's shapes and dtypes) and gather the forward hook's columns
+with ``host_gather`` on the CPU.
 """
 
 from __future__ import annotations
@@ -140,6 +144,7 @@ def factgrass(x: Tensor, delta: Tensor, idx_in: Tensor, idx_out: Tensor, indptr:
     if delta.device != x.device:
         raise ValueError(f"delta is on {delta.device} but x is on {x.device}")
     _check_factgrass_tables(idx_in, idx_out, indptr, src, sgn, x, x.shape[2], delta.shape[2])
+
     def slow():
         return reference.factgrass(x, delta, idx_in, idx_out, indptr, src, sgn, scale,
                                    per_token)

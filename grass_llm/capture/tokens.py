@@ -47,7 +47,10 @@ class TokenRows:
         self.filled: set[str] = set()
 
     def _allocate(self, like: torch.Tensor) -> None:
-        n, B = int(self.real.sum()), self.real.shape[0]
+        counts = self.real.sum(1)
+        n, B = int(counts.sum()), self.real.shape[0]  # one synchronization per batch
+        self._example_of_row = torch.repeat_interleave(
+            torch.arange(B, device=counts.device), counts, output_size=n)
         keep = self.dtype or like.dtype
         self.rows = torch.empty(n, self.width, dtype=like.dtype if self.partial else keep,
                                 device=like.device)
@@ -64,9 +67,7 @@ class TokenRows:
             self._allocate(block)
         kept = block[self.real]  # [N, k], example-major like the buffer
         self.rows[:, a:b] = kept
-        counts = self.real.sum(1)
-        ex = torch.repeat_interleave(torch.arange(counts.numel(), device=kept.device), counts)
-        self.example[:, a:b].index_add_(0, ex, kept.to(self.example.dtype))
+        self.example[:, a:b].index_add_(0, self._example_of_row, kept.to(self.example.dtype))
         self.filled.add(name)
 
     def finish(self) -> None:

@@ -207,6 +207,30 @@ def test_position_mode_streams_rows_with_one_layer_block_alive_at_a_time(monkeyp
     torch.testing.assert_close(half.example_rows, pos.example_rows, rtol=0, atol=0)
 
 
+def test_position_rows_sum_only_the_partial_layers_over_the_group(monkeypatch):
+    # Tensor parallel with some layers sharded (partial rows, summed over the group) and some
+    # not (complete on every rank): only the partial layers' columns may be reduced. The group
+    # is simulated as two ranks holding the same rows, so a reduction doubles them.
+    from grass_llm.capture import tokens
+
+    monkeypatch.setattr(tokens.comm, "all_reduce", lambda t, group=None: t.mul_(2))
+    real = torch.tensor([[True, True, False], [True, False, False]])
+    widths = {"a": 2, "b": 3, "c": 1}
+    blocks = {n: torch.randn(2, 3, k, dtype=torch.float64) for n, k in widths.items()}
+    for partial in (frozenset({"a", "c"}), frozenset(widths)):
+        sink = tokens.TokenRows(real, widths, torch.float32, partial)
+        for n, blk in blocks.items():
+            sink.put(n, blk)
+        sink.finish()
+        assert sink.rows.dtype == torch.float32 and sink.example.dtype == torch.float64
+        for n, view in sink.views().items():
+            want = blocks[n][real] * (2 if n in partial else 1)
+            torch.testing.assert_close(view, want.float(), rtol=0, atol=0)
+            ex = torch.stack([blocks[n][0, :2].sum(0), blocks[n][1, :1].sum(0)])
+            a, b = sink.columns[n]
+            torch.testing.assert_close(sink.example[:, a:b], ex * (2 if n in partial else 1))
+
+
 def test_no_weight_gradients_outputs_unchanged_and_hooks_removed():
     model = tiny_model("llama")
     model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # a user's own frozen param

@@ -45,6 +45,10 @@ class _Fake:
     factgrass = sjlt = sjlt_t = gather_columns = _call
 
 
+def _no_image(*args):
+    raise RuntimeError(NO_KERNEL_IMAGE)
+
+
 def _no_kernel(*args):
     raise AssertionError("a kernel ran on a table that should have been refused")
 
@@ -142,11 +146,8 @@ def test_csr_tables_refuse_rows_outside_the_outputs():
 
 
 def test_launch_failure_falls_back_with_one_warning(fake_ext, monkeypatch):
-    def no_image(*a):
-        raise RuntimeError(NO_KERNEL_IMAGE)
-
     monkeypatch.setenv("GRASS_LLM_KERNELS", "auto")
-    fake = fake_ext(no_image)
+    fake = fake_ext(_no_image)
     args = _args()
     with pytest.warns(RuntimeWarning, match="could not launch on cpu") as rec:
         out = kernels.factgrass(**args)
@@ -182,11 +183,8 @@ def test_prepared_call_refuses_what_the_op_refuses_before_any_kernel_runs(fake_e
 
 
 def test_prepared_call_launch_failure_falls_back_with_one_warning(fake_ext, monkeypatch):
-    def no_image(*a):
-        raise RuntimeError(NO_KERNEL_IMAGE)
-
     monkeypatch.setenv("GRASS_LLM_KERNELS", "auto")
-    fake = fake_ext(no_image)
+    fake = fake_ext(_no_image)
     a = _args()
     call = kernels.FactGraSSCall(a["idx_in"], a["idx_out"], a["indptr"], a["src"], a["sgn"],
                                  0.5, 29, 23)
@@ -204,14 +202,11 @@ def test_prepared_call_launch_failure_falls_back_with_one_warning(fake_ext, monk
 
 def test_launch_failure_raises_in_extension_mode_and_other_errors_propagate(fake_ext,
                                                                           monkeypatch):
-    def no_image(*a):
-        raise RuntimeError(NO_KERNEL_IMAGE)
-
     def bug(*a):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setenv("GRASS_LLM_KERNELS", "extension")
-    fake_ext(no_image)
+    fake_ext(_no_image)
     with pytest.raises(RuntimeError, match="GRASS_LLM_KERNELS=extension .* failed to launch"):
         kernels.factgrass(**_args())
     monkeypatch.setenv("GRASS_LLM_KERNELS", "auto")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from grass_llm.capture.hooks import _embedding_leaf
+from grass_llm.capture.setup import embedding_leaf
 from grass_llm.capture.layers import DECODER_BLOCK
 
 _PROBE_ATTN = "grass_llm_meta_probe"
@@ -93,7 +93,7 @@ def _saved_bytes(config, n_layers: int, dtype: torch.dtype, batch: int, seq: int
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = cfg.layer_types[:n_layers]
     model = meta_model(cfg, dtype, attn=_PROBE_ATTN)
-    model.get_input_embeddings().register_forward_hook(_embedding_leaf)
+    model.get_input_embeddings().register_forward_hook(embedding_leaf)
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     kept: dict[int, int] = {}
 

@@ -231,6 +231,54 @@ def test_position_rows_sum_only_the_partial_layers_over_the_group(monkeypatch):
             torch.testing.assert_close(sink.example[:, a:b], ex * (2 if n in partial else 1))
 
 
+def test_cpu_hooks_call_the_extension_directly_and_other_inputs_take_the_checked_path(
+        monkeypatch):
+    """The hooks' lean CPU path (FactGraSS.host_calls) serves plain contiguous activations; a
+    non-contiguous input, and a call the extension refuses, take the checked path. Every row
+    equals the dense map of the per-example backward either way."""
+    from grass_llm import kernels
+    from grass_llm.compress import factorized
+
+    if kernels.extension() is None:
+        pytest.skip("the CPU extension is not built here")
+    used = {"gather": 0, "reduce": 0, "refused": 0}
+    host_calls = kernels.host_calls
+
+    def counting_host_calls(idx_in, call):
+        gather, reduce = host_calls(idx_in, call)
+
+        def counted_gather(x):
+            used["gather"] += 1
+            return gather(x)
+
+        def counted_reduce(xf, d, per_token):
+            used["reduce"] += 1
+            if used["reduce"] == 1:  # the first call is refused as the extension would
+                used["refused"] += 1
+                raise RuntimeError("refused")
+            return reduce(xf, d, per_token)
+
+        return counted_gather, counted_reduce
+
+    monkeypatch.setattr(factorized.kernels, "host_calls", counting_host_calls)
+    model = tiny_model("llama", dtype=torch.float64)
+    # one layer's input arrives as a transposed (non-contiguous) view of the same values
+    model.model.layers[0].mlp.down_proj.register_forward_pre_hook(
+        lambda mod, args: (args[0].transpose(0, 1).contiguous().transpose(0, 1),))
+    examples = make_examples(lengths=[6, 4, 5])
+    ids, mask, labels = pad_batch(examples)
+    with GradientCapture(model, "factgrass:k=16,k_in=6,k_out=5", seed=3) as cap:
+        out = cap(ids, mask, labels)
+        comps = cap.compressors
+    n = len(comps)
+    assert used == {"gather": n - 1, "reduce": n, "refused": 1}
+    for b, (ex_ids, ex_labels) in enumerate(examples):
+        ref, _ = reference_vec_grads(model, ex_ids, ex_labels, comps)
+        for name, comp in comps.items():
+            torch.testing.assert_close(out.grads[name][b], comp.dense_matrix() @ ref[name],
+                                       **TOL64)
+
+
 def test_no_weight_gradients_outputs_unchanged_and_hooks_removed():
     model = tiny_model("llama")
     model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # a user's own frozen param

@@ -51,7 +51,7 @@ from pathlib import Path
 from grass_llm import kernels
 from grass_llm.cache_loop import _ChunkBuffer, stage_batch
 from grass_llm.capture import GradientCapture
-from grass_llm.capture.hooks import _embedding_leaf
+from grass_llm.capture.setup import embedding_leaf
 from grass_llm.capture.layers import select_layers
 from grass_llm.capture.loss import per_example_loss
 from grass_llm.compress import parse_spec
@@ -153,7 +153,7 @@ def train_step(model, batches):
 
 
 def floor_step(model, batches):
-    handle = model.get_input_embeddings().register_forward_hook(_embedding_leaf)
+    handle = model.get_input_embeddings().register_forward_hook(embedding_leaf)
     try:
         for ids in batches:
             loss, _ = per_example_loss(model(input_ids=ids, use_cache=False).logits, ids)

@@ -38,7 +38,7 @@ import torch
 
 from grass_llm.cache_loop import _ChunkBuffer, stage_batch
 from grass_llm.capture import GradientCapture
-from grass_llm.capture.hooks import _embedding_leaf
+from grass_llm.capture.setup import embedding_leaf
 from grass_llm.capture.loss import per_example_loss
 from grass_llm.store import LayerInfo, StoreLayout, create_store
 
@@ -68,8 +68,8 @@ class _Timed(GradientCapture):
 
         return hook
 
-    def _grad_hook(self, name):
-        inner = super()._grad_hook(name)
+    def _grad_hook(self, name, *args):
+        inner = super()._grad_hook(name, *args)
         m = _KIND.search(name)
         label = f"backward hooks: {m.group(1) if m else 'other'}"
 
@@ -96,7 +96,7 @@ def _fwd_bwd(model, ids, acc: dict, hooked) -> object:
             _sync()
             acc["hooked step"] += time.perf_counter() - t0
             return out
-        handle = model.get_input_embeddings().register_forward_hook(_embedding_leaf)
+        handle = model.get_input_embeddings().register_forward_hook(embedding_leaf)
         try:
             loss, _ = per_example_loss(model(input_ids=ids, use_cache=False).logits, ids)
             _sync()

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from grass_llm.capture.batch import check_batch, right_align, row_example
 from grass_llm.capture.layers import select_layers
-from grass_llm.capture.setup import deterministic_mode, shard_view
+from grass_llm.capture.setup import deterministic_mode, embedding_leaf, local, shard_view
 from grass_llm.capture.tokens import TokenRows
 from grass_llm.capture.loss import (
     REDUCTIONS,
@@ -172,7 +171,7 @@ class GradientCapture:
         if self._saved_state[2] is not None:
             m.config.use_cache = False
         emb = m.get_input_embeddings()
-        self._handles.append(emb.register_forward_hook(_embedding_leaf))
+        self._handles.append(emb.register_forward_hook(embedding_leaf))
         for name, mod in self.layers.items():
             self._handles.append(mod.register_forward_hook(self._forward_hook(name)))
         return self
@@ -198,54 +197,81 @@ class GradientCapture:
         op = self._ops[name]
         bias = self._bias[name]
         reduce_in = getattr(op, "reduce_input", False)
-        on_grad = self._grad_hook(name)  # made once: the same closure every step
+        # The CPU extension's calls bound once (FactGraSS.host_calls): a plain contiguous CPU
+        # activation skips every Python-level step below; anything else takes them.
+        host = op.host_calls() if hasattr(op, "host_calls") else None
+        gather = host[0] if host is not None else None
+        on_grad = self._grad_hook(name, host[1] if host is not None else None)
+        feats = self._feats
 
-        def hook(module, args, output):
-            if not torch.is_grad_enabled() or not output.requires_grad:
-                return None  # e.g. the no-grad first pass of reentrant checkpointing
-            x = _local(args[0]).detach()
+        def features(x):
+            x = local(x).detach()
             x = x if x.dim() == 3 else x.unsqueeze(1)
-            # Kept until delta arrives: the k_in features for factorized maps, x itself for
-            # the materializing slow path. A recomputation (gradient checkpointing) overwrites
-            # it with identical values.
             if isinstance(comp, FactorizedCompressor):
                 xf = op.input_features(x)
                 if reduce_in:  # LoGra on a rowwise shard: P_in x is a sum over the group
                     comm.all_reduce(xf, group=self.tp_group)
-                self._feats[name] = xf
+                return xf
+            x = x.to(compute_dtype(x))
+            if bias:
+                x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+            return x
+
+        def hook(module, args, output):
+            if not torch.is_grad_enabled() or not output.requires_grad:
+                return None  # e.g. the no-grad first pass of reentrant checkpointing
+            x = args[0]
+            # Kept until delta arrives: the k_in features for factorized maps, x itself for
+            # the materializing slow path. A recomputation (gradient checkpointing) overwrites
+            # it with identical values. (type() is exact: DTensor and the tracing subclasses
+            # of torch.compile take the general path.)
+            if (gather is not None and type(x) is torch.Tensor and x.is_cpu and x.dim() == 3
+                    and x.is_contiguous()):
+                try:
+                    feats[name] = gather(x)
+                except RuntimeError:  # the general path says precisely what is wrong
+                    feats[name] = features(x)
             else:
-                x = x.to(compute_dtype(x))
-                if bias:
-                    x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
-                self._feats[name] = x
+                feats[name] = features(x)
             output.register_hook(on_grad)
             return None
 
         return hook
 
-    def _grad_hook(self, name: str):
+    def _grad_hook(self, name: str, host_reduce=None):
         comp = self.compressors[name]
         op = self._ops[name]
         reduce_out = getattr(op, "reduce_output", False)
         per_position = self.token_mode == "position"
+        pop = self._feats.pop
 
-        def hook(grad):
-            feats = self._feats.pop(name, None)
-            if feats is None:
-                raise RuntimeError(f"layer {name}: output gradient without stored inputs (is "
-                                   "the layer called twice in one forward?)")
-            d = _local(grad).detach()
+        def reduce(feats, grad):
+            d = local(grad).detach()
             d = d if d.dim() == 3 else d.unsqueeze(1)
             if isinstance(comp, FactorizedCompressor) and reduce_out:
                 # LoGra on a colwise shard: P_out delta is a sum over the group
                 df = op.output_features(d)
                 comm.all_reduce(df, group=self.tp_group)
-                res = (op.combine_per_token(feats, df) if per_position
-                       else op.combine(feats, df))
-            elif isinstance(comp, FactorizedCompressor):
-                res = op.reduce(feats, d, per_position)  # fused kernel where there is one
-            else:
-                res = _materialized(comp, feats, d.to(compute_dtype(d)), per_position)
+                return (op.combine_per_token(feats, df) if per_position
+                        else op.combine(feats, df))
+            if isinstance(comp, FactorizedCompressor):
+                return op.reduce(feats, d, per_position)  # fused kernel where there is one
+            return _materialized(comp, feats, d.to(compute_dtype(d)), per_position)
+
+        def hook(grad):
+            feats = pop(name, None)
+            if feats is None:
+                raise RuntimeError(f"layer {name}: output gradient without stored inputs (is "
+                                   "the layer called twice in one forward?)")
+            res = None
+            if (host_reduce is not None and type(grad) is torch.Tensor and grad.dim() == 3
+                    and grad.is_contiguous()):
+                try:  # the extension checks the call itself (kernels.host_calls)
+                    res = host_reduce(feats, grad, per_position)
+                except RuntimeError:
+                    res = None  # the general path says precisely what is wrong
+            if res is None:
+                res = reduce(feats, grad)
             if name in self._results:
                 raise RuntimeError(f"layer {name} received two output gradients in one step; "
                                    "modules called more than once per forward are not supported")
@@ -354,16 +380,6 @@ class GradientCapture:
         loss.index_add_(0, exp.example.to(loss.device), tok_loss.to(loss.device))
         n = exp.offsets[1:] - exp.offsets[:-1]
         return CaptureOutput(grads, loss, n, exp.offsets, exp.position)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (tensor-parallel activations), or the tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _embedding_leaf(module, args, output):
-    """Make the embedding output a grad-requiring leaf, so backward skips every weight."""
-    return output.detach().requires_grad_(True)
 
 
 def _materialized(comp, x_BTI, d_BTO, per_position: bool) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Setting a model up for capture: deterministic modes, and each layer's tensor-parallel view."""
+"""Setting a model up for capture: deterministic modes, the embedding leaf, each layer's
+tensor-parallel view."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ from torch.distributed.tensor import DTensor
 from grass_llm.compress import FactorizedCompressor
 from grass_llm.compress.sharded import shard_compressor
 from grass_llm.parallel import comm
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (tensor-parallel activations), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def embedding_leaf(module, args, output):
+    """Make the embedding output a grad-requiring leaf, so backward skips every weight."""
+    return output.detach().requires_grad_(True)
 
 
 def deterministic_mode(model: nn.Module) -> list[tuple[nn.Module, float]]:

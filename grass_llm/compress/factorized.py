@@ -41,16 +41,22 @@ def _check_factor(name: str, value: int, limit_name: str, limit: int) -> int:
     return value
 
 
-def _call(calls: dict, x: torch.Tensor, d: torch.Tensor, idx_in: _DeviceCache,
-          idx_out: _DeviceCache, csr, scale: float, per_token: bool) -> torch.Tensor:
-    """The fused kernel through a ``kernels.FactGraSSCall`` kept in ``calls`` per table pair,
-    device and widths: its tables are checked once, not on every layer's every step."""
-    key = (id(idx_in), id(idx_out), x.device, x.shape[-1], d.shape[-1])
+def _prepared(calls: dict, idx_in: _DeviceCache, idx_out: _DeviceCache, csr, scale: float,
+              device: torch.device, I: int, O: int) -> kernels.FactGraSSCall:
+    """The ``kernels.FactGraSSCall`` kept in ``calls`` per table pair, device and widths: its
+    tables are checked once, not on every layer's every step."""
+    key = (id(idx_in), id(idx_out), device, I, O)
     call = calls.get(key)
     if call is None:
-        dev = x.device
-        call = calls[key] = kernels.FactGraSSCall(idx_in.get(dev), idx_out.get(dev),
-                                                  *csr.on(dev), scale, x.shape[-1], d.shape[-1])
+        call = calls[key] = kernels.FactGraSSCall(idx_in.get(device), idx_out.get(device),
+                                                  *csr.on(device), scale, I, O)
+    return call
+
+
+def _call(calls: dict, x: torch.Tensor, d: torch.Tensor, idx_in: _DeviceCache,
+          idx_out: _DeviceCache, csr, scale: float, per_token: bool) -> torch.Tensor:
+    """The fused kernel on ``[B, T, I]`` x and ``[B, T, O]`` delta (see ``_prepared``)."""
+    call = _prepared(calls, idx_in, idx_out, csr, scale, x.device, x.shape[-1], d.shape[-1])
     return call(x, d, per_token)
 
 
@@ -146,6 +152,18 @@ class FactGraSS(FactorizedCompressor):
         if keep_bias:
             xs = torch.cat([xs, xs.new_ones(*xs.shape[:-1], 1)], dim=-1)
         return xs
+
+    def host_calls(self):
+        """``(gather, reduce)``: ``input_features`` and ``reduce`` bound straight to the CPU
+        extension (``kernels.host_calls``), for the capture's hooks; None where they do not
+        apply (no extension; every input column kept, so there is nothing to gather)."""
+        keep_bias = self.bias and int(self.idx_in[-1]) == self.d_in
+        if self.k_in - int(keep_bias) == self.d_in:
+            return None
+        cpu = torch.device("cpu")
+        call = _prepared(self._calls, self._all_in, self._out, self.sjlt.csr, self.sjlt.scale,
+                         cpu, self.k_in, self.d_out)
+        return kernels.host_calls(self._in.get(cpu), call)
 
     def output_features(self, delta_BTO: torch.Tensor) -> torch.Tensor:
         if self.k_out == self.d_out:

@@ -270,3 +270,33 @@ class FactGraSSCall:
         except RuntimeError as exc:
             return _launch_failed(exc, lambda: reference.factgrass(
                 x, delta, *self.tables, self.scale, per_token), x.device)
+
+
+def host_calls(idx_in: Tensor, call: FactGraSSCall):
+    """A factorized layer's two capture calls bound straight to the CPU extension, or None
+    where that does not run (no extension, tables not on the CPU).
+
+    Returns ``(gather, reduce)``: ``gather(x)`` is ``host_gather(x, idx_in)`` for a contiguous
+    ``[B, T, I]`` CPU activation, ``reduce(xf, delta, per_token)`` is ``call`` on contiguous
+    features and output gradient. Nothing is checked in Python per call: inside a training
+    step, with the caches cold from the model's own work, a call's few dozen Python-level checks
+    cost as much as a small layer's kernel (measured in ``tools/bench_capture.py --profile``).
+    The bindings check every call in C++ instead (dims, dtypes, contiguity, devices, B and T,
+    and every table entry against the call's widths: ``csrc/bindings.cpp``, ``csrc/cpu/
+    common.h``) and raise RuntimeError, so a bad call reads nothing out of bounds; the caller
+    then takes the checked path (``call``, the op), which raises the precise error or computes
+    the same result.
+    """
+    ext = build.extension()
+    if ext is None or call.device.type != "cpu" or idx_in.device.type != "cpu":
+        return None
+    gather_columns, factgrass_ext = ext.gather_columns, ext.factgrass
+    tables, scale = call.tables, call.scale
+
+    def gather(x: Tensor) -> Tensor:
+        return gather_columns(x, idx_in)
+
+    def reduce(xf: Tensor, delta: Tensor, per_token: bool) -> Tensor:
+        return factgrass_ext(xf, delta, *tables, scale, per_token)
+
+    return gather, reduce

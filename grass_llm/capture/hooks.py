@@ -3,7 +3,9 @@
 For each selected Linear ``z = W x (+ b)`` the forward hook keeps only the compressor's input
 features of x (FactGraSS: the k_in masked columns; LoGra: P_in x) — never the full activation —
 and registers a tensor hook on z. When autograd produces ``delta = dloss/dz`` the hook reduces it
-to the layer's compressed per-example vector at once and frees the features.
+to the layer's compressed per-example vector at once and frees the features. On the CPU, a
+plain contiguous tensor goes straight to the extension (``FactGraSS.host_calls``), which checks
+the call in C++; anything else takes the checked path.
 
 No weight gradient is ever computed: every parameter is frozen for the duration of the capture
 and the input embedding's output is made a leaf that requires grad, so backward flows only

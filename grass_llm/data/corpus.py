@@ -77,6 +77,7 @@ from pathlib import Path
 import numpy as np
 
 from grass_llm.data._corpus_build import SKIPPED_FILE, build
+from grass_llm.data._corpus_folders import commit, remove_stale
 from grass_llm.data._corpus_worker import absolute_location, from_utf8
 from grass_llm.data.content import content_hash
 from grass_llm.data.identity import tokenizer_fingerprint
@@ -332,7 +333,7 @@ def _ensure_built(data: Path, tokenizer, *, max_length: int, overflow: str, on_e
     if _complete(folder):
         return folder
     root.mkdir(parents=True, exist_ok=True)
-    _remove_stale(root)
+    remove_stale(root)
     tmp = root / f".{key}.tmp-{os.getpid()}-{secrets.token_hex(4)}@{socket.gethostname()}"
     tmp.mkdir()
     try:
@@ -354,7 +355,7 @@ def _ensure_built(data: Path, tokenizer, *, max_length: int, overflow: str, on_e
                 "build": {"seconds": round(time.perf_counter() - t0, 3), "num_proc": num_proc,
                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        _commit(tmp, folder)
+        commit(tmp, folder, _complete)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when committed
     return folder
@@ -365,47 +366,6 @@ def _complete(folder: Path) -> bool:
         TokenizedCorpus.open(folder)
     except (CorpusCacheError, OSError, ValueError, KeyError):
         return False
-    return True
-
-
-def _commit(tmp: Path, folder: Path) -> None:
-    """Renames the built ``tmp`` to ``folder`` (atomic); a damaged ``folder`` is replaced, one
-    that another build completed meanwhile is kept."""
-    if folder.exists() and not _complete(folder):
-        trash = folder.with_name(f".{folder.name}.damaged-{secrets.token_hex(4)}")
-        folder.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    try:
-        tmp.rename(folder)
-    except OSError:
-        if not _complete(folder):
-            raise
-
-
-def _remove_stale(root: Path) -> None:
-    """Removes build folders left by killed builds on this host (their process is gone; those
-    of other hosts are left alone: they may be running, and are never read) and damaged
-    folders set aside by ``_commit``."""
-    host = socket.gethostname()
-    for entry in root.glob(".*.tmp-*@*"):
-        base, _, entry_host = entry.name.rpartition("@")
-        try:
-            pid = int(base.rsplit(".tmp-", 1)[1].split("-")[0])
-        except (IndexError, ValueError):
-            continue
-        if entry_host == host and not _alive(pid):
-            shutil.rmtree(entry, ignore_errors=True)
-    for entry in root.glob(".*.damaged-*"):
-        shutil.rmtree(entry, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

@@ -25,7 +25,9 @@ capture row also gives the store bytes per training token: numbers per example x
 dtype's bytes / tokens per example.
 
 Each figure is the median over --repeats passes over all batches; the rows are interleaved
-within a pass so that drift on a shared machine hits them alike.
+within a pass, each pass starting one row later, so that drift on a shared machine hits them
+alike. (--profile also gives the median of per-batch floor / capture ratios from back-to-back
+pairs, the steadier figure on a noisy machine.)
 
 Models: --model tiny (random Llama: vocab 512, hidden 128, 4 layers, intermediate 256, the
 configuration peers were measured on, see REFERENCE.md), --model smollm2 (SmolLM2-135M from the
@@ -43,13 +45,11 @@ import statistics
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from pathlib import Path
 
 from grass_llm import kernels
-from grass_llm.cache_loop import _ChunkBuffer, stage_batch
 from grass_llm.capture import GradientCapture
 from grass_llm.capture.setup import embedding_leaf
 from grass_llm.capture.layers import select_layers
@@ -57,6 +57,8 @@ from grass_llm.capture.loss import per_example_loss
 from grass_llm.compress import parse_spec
 from grass_llm.compress.dense import CACHE_ENTRIES
 from grass_llm.models import load_smollm2, tiny_model
+
+from capture_profile import rows_one_buffer, rows_per_example  # tools/, next to this file
 
 SETTINGS = {
     # the paper's Llama-8B setting: 4096 numbers per layer
@@ -172,44 +174,6 @@ ROWS_OLD = "  + rows: per example per layer (before)"
 ROWS_NEW = "  + rows: one buffer per batch (after)"
 
 
-def _encode(rows: torch.Tensor) -> np.ndarray:
-    """What GradientStore.write_chunk does to a float16 store's rows before writing them: rows
-    already in float16 get one contiguous host copy and a finiteness check; others (the former
-    per-example path's float32 rows) a float32 check and a conversion."""
-    if rows.dtype == torch.float16:
-        out = torch.empty(rows.shape, dtype=rows.dtype)
-        out.copy_(rows)
-        torch.isfinite(out).all(dim=1)
-        return out.numpy()
-    x = rows.detach().to("cpu", torch.float32).numpy()
-    np.isfinite(x).all(axis=1)
-    return x.astype(np.float16)
-
-
-def rows_per_example(out) -> None:
-    """The runner's row handling before the one-buffer change: per example and per layer a
-    float32 host copy and a dict, then per layer a stack, then the store's encode."""
-    B = next(iter(out.grads.values())).shape[0]
-    rows = [{"loss": float(out.loss[j]), "n": int(out.n_targets[j]),
-             "grads": {k: v[j].float().cpu() for k, v in out.grads.items()}} for j in range(B)]
-    for k in out.grads:
-        _encode(torch.stack([r["grads"][k] for r in rows]))
-
-
-def rows_one_buffer(out, names, pinned: bool) -> None:
-    """cache_loop's row handling: one [B, sum K] float16 buffer per batch staged to the host and
-    placed into the chunk's buffer, then the writer's encode (here in the same thread)."""
-    B = next(iter(out.grads.values())).shape[0]
-    width = sum(out.grads[n].shape[1] for n in names)
-    buf = _ChunkBuffer(0, B, width, torch.float16)
-    buf.place(stage_batch(0, np.arange(B), out, names, torch.float16, pinned))
-    off = 0
-    for n in names:
-        k = out.grads[n].shape[1]
-        _encode(buf.rows[:, off:off + k])
-        off += k
-
-
 def capture_rows_step(cap, batches, how: str):
     names = list(cap.compressors)
     pinned = next(cap.model.parameters()).device.type == "cuda"
@@ -223,10 +187,14 @@ def capture_rows_step(cap, batches, how: str):
 
 
 def measure(rows: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median seconds of each row over ``repeats`` interleaved passes."""
+    """Median seconds of each row over ``repeats`` interleaved passes. Each pass starts one row
+    later than the one before (pass r runs rows r, r+1, ... in a circle), so no row always
+    follows the same one (the floor right after the training step's large allocations)."""
     times: dict[str, list[float]] = {name: [] for name in rows}
-    for _ in range(repeats):
-        for name, fn in rows.items():
+    names = list(rows)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = rows[name]
             _sync()
             t0 = time.perf_counter()
             fn()
@@ -378,9 +346,9 @@ def main() -> None:
     ap.add_argument("--store-dtype", choices=sorted(STORE_BYTES), default="float16",
                     help="storage dtype for the bytes-per-token column")
     ap.add_argument("--profile", action="store_true",
-                    help="print where one FactGraSS step's time goes, and what the hooks cost "
-                         "before doing any work (tools/capture_profile.py) "
-                         "instead of the tables")
+                    help="print where one FactGraSS step's time goes, what the hooks cost "
+                         "before doing any work, and the capture's ratio to the floor from "
+                         "back-to-back pairs (tools/capture_profile.py) instead of the tables")
     args = ap.parse_args()
     tables = [] if args.scaling == "none" else [t.strip() for t in args.scaling.split(",")]
     bad = set(tables) - {"seq", "k", "layers"}
@@ -397,7 +365,8 @@ def main() -> None:
           f"'{kernels.backend_name(torch.zeros(1, device=device))}'")
     t0 = time.perf_counter()
     if args.profile:
-        from capture_profile import machinery, print_machinery, print_profile, profile
+        from capture_profile import (machinery, paired, print_machinery, print_paired,
+                                     print_profile, profile)
 
         spec = next(v for k, v in SETTINGS[args.setting].items() if k.startswith("FactGraSS"))
         batches = make_batches(model.config.vocab_size, args.docs * args.seq, args.seq,
@@ -407,6 +376,8 @@ def main() -> None:
         print_profile(profile(model, batches, spec, args.repeats), f"profile of one step: {what}")
         print_machinery(machinery(model, batches, spec, args.repeats),
                         f"the hooks' machinery alone, side by side with the floor: {what}")
+        print_paired(paired(model, batches, spec, args.repeats),
+                     f"the whole capture against the floor, batch by batch: {what}")
         return
     main_table(args, model)
     for what in tables:

@@ -23,10 +23,14 @@ The floor and the hooked step run on the same batches, interleaved within each r
 the capture with forward hooks that only mark their layer (module hook dispatch and the
 capture's per-batch set-up), then with each forward hook also registering a tensor hook that
 does nothing (autograd's per-layer Python callback), then the whole capture.
+
+``paired`` runs the floor and the whole capture back to back on each batch (order alternating)
+and gives the median of the per-pair ratios floor / capture.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import statistics
 import tempfile
@@ -112,6 +116,45 @@ def _fwd_bwd(model, ids, acc: dict, hooked) -> object:
     acc["loss"] += t1 - marks["b"]
     acc["model backward"] += time.perf_counter() - t1
     return None
+
+
+# ------------------------------------------------ the cache job's host-side row handling
+def _encode(rows: torch.Tensor) -> np.ndarray:
+    """What GradientStore.write_chunk does to a float16 store's rows before writing them: rows
+    already in float16 get one contiguous host copy and a finiteness check; others (the former
+    per-example path's float32 rows) a float32 check and a conversion."""
+    if rows.dtype == torch.float16:
+        out = torch.empty(rows.shape, dtype=rows.dtype)
+        out.copy_(rows)
+        torch.isfinite(out).all(dim=1)
+        return out.numpy()
+    x = rows.detach().to("cpu", torch.float32).numpy()
+    np.isfinite(x).all(axis=1)
+    return x.astype(np.float16)
+
+
+def rows_per_example(out) -> None:
+    """The runner's row handling before the one-buffer change: per example and per layer a
+    float32 host copy and a dict, then per layer a stack, then the store's encode."""
+    B = next(iter(out.grads.values())).shape[0]
+    rows = [{"loss": float(out.loss[j]), "n": int(out.n_targets[j]),
+             "grads": {k: v[j].float().cpu() for k, v in out.grads.items()}} for j in range(B)]
+    for k in out.grads:
+        _encode(torch.stack([r["grads"][k] for r in rows]))
+
+
+def rows_one_buffer(out, names, pinned: bool) -> None:
+    """cache_loop's row handling: one [B, sum K] float16 buffer per batch staged to the host and
+    placed into the chunk's buffer, then the writer's encode (here in the same thread)."""
+    B = next(iter(out.grads.values())).shape[0]
+    width = sum(out.grads[n].shape[1] for n in names)
+    buf = _ChunkBuffer(0, B, width, torch.float16)
+    buf.place(stage_batch(0, np.arange(B), out, names, torch.float16, pinned))
+    off = 0
+    for n in names:
+        k = out.grads[n].shape[1]
+        _encode(buf.rows[:, off:off + k])
+        off += k
 
 
 def _store(cap, rows: int, tmp: str):
@@ -247,3 +290,43 @@ def print_machinery(rows: list[tuple[str, float]], title: str) -> None:
     for name, secs in rows:
         print(f"| {name} | {secs * 1e3:,.2f} | {(secs - floor) * 1e3:,.2f} | "
               f"{floor / secs:.2f} |")
+
+
+def paired(model, batches, spec: str, repeats: int) -> list[float]:
+    """``floor / capture`` per pair: the floor and the whole capture run back to back on the same
+    batch, in alternating order, so that the machine's drift (seconds long on a shared host)
+    hits both halves of a pair alike. The median of these ratios is steadier than a ratio of
+    medians taken over separate passes. The floor runs on a copy of the model (the same
+    weights), so the capture stays entered as in the cache job (entering it for every pair
+    made its next step measurably slower)."""
+    floor_model = copy.deepcopy(model)
+    floor_model.get_input_embeddings().register_forward_hook(embedding_leaf)
+    cap = GradientCapture(model, spec, seed=0)
+    ratios = []
+    with cap:
+        for r in range(repeats + 1):  # the first pass warms up
+            for i, ids in enumerate(batches):
+                secs = {}
+                for which in (("floor", "capture") if (r + i) % 2 else ("capture", "floor")):
+                    _sync()
+                    t = time.perf_counter()
+                    if which == "floor":
+                        logits = floor_model(input_ids=ids, use_cache=False).logits
+                        per_example_loss(logits, ids)[0].sum().backward()
+                        del logits
+                    else:
+                        cap(ids)
+                    _sync()
+                    secs[which] = time.perf_counter() - t
+                if r:
+                    ratios.append(secs["floor"] / secs["capture"])
+    del floor_model
+    return ratios
+
+
+def print_paired(ratios: list[float], title: str) -> None:
+    q1, q2, q3 = statistics.quantiles(ratios, n=4)
+    print(f"\n{title}\n")
+    print("| pairs | median floor / capture | quartiles |")
+    print("|---:|---:|---|")
+    print(f"| {len(ratios)} | {q2:.3f} | {q1:.3f} – {q3:.3f} |")

@@ -58,7 +58,9 @@ from grass_llm.compress import parse_spec
 from grass_llm.compress.dense import CACHE_ENTRIES
 from grass_llm.models import load_smollm2, tiny_model
 
-from capture_profile import rows_one_buffer, rows_per_example  # tools/, next to this file
+from capture_profile import (machinery, paired, print_machinery,  # tools/, next to this file
+                             print_paired, print_profile, profile, rows_one_buffer,
+                             rows_per_example)
 
 SETTINGS = {
     # the paper's Llama-8B setting: 4096 numbers per layer
@@ -365,9 +367,6 @@ def main() -> None:
           f"'{kernels.backend_name(torch.zeros(1, device=device))}'")
     t0 = time.perf_counter()
     if args.profile:
-        from capture_profile import (machinery, paired, print_machinery, print_paired,
-                                     print_profile, profile)
-
         spec = next(v for k, v in SETTINGS[args.setting].items() if k.startswith("FactGraSS"))
         batches = make_batches(model.config.vocab_size, args.docs * args.seq, args.seq,
                                args.batch * args.seq, device=model.device)

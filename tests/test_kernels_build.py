@@ -300,3 +300,26 @@ def test_capture_imports_without_the_private_tensor_parallel_helper():
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert int(res.stdout.strip()) == 7  # q, k, v, o, gate, up, down
+
+
+def test_reference_mode_leaves_the_hooks_no_direct_extension_path(monkeypatch):
+    """GRASS_LLM_KERNELS=reference means the pure-torch path everywhere, the capture hooks'
+    direct CPU calls (FactGraSS.host_calls) included."""
+    from grass_llm.compress import FactGraSS
+
+    comp = FactGraSS(d_in=40, d_out=30, k=16, k_in=6, k_out=5, seed=1)
+    monkeypatch.setenv("GRASS_LLM_KERNELS", "reference")
+    build.reset()
+    try:
+        assert comp.host_calls() is None
+    finally:
+        monkeypatch.undo()
+        build.reset()
+    if build.extension() is not None:  # auto mode with the extension built: the direct path
+        gather, reduce = comp.host_calls()
+        x, d = torch.randn(3, 4, 40, dtype=torch.float64), torch.randn(3, 4, 30,
+                                                                        dtype=torch.float64)
+        g = torch.einsum("bto,bti->boi", d, x).reshape(3, -1)  # each example's exact gradient
+        # float64 throughout: only the summation order differs from the dense map's
+        torch.testing.assert_close(reduce(gather(x), d, False), g @ comp.dense_matrix().T,
+                                   rtol=1e-10, atol=1e-12)

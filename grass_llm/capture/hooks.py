@@ -201,9 +201,9 @@ class GradientCapture:
         reduce_in = getattr(op, "reduce_input", False)
         # The CPU extension's calls bound once (FactGraSS.host_calls): a plain contiguous CPU
         # activation skips every Python-level step below; anything else takes them.
-        host = op.host_calls() if hasattr(op, "host_calls") else None
-        gather = host[0] if host is not None else None
-        on_grad = self._grad_hook(name, host[1] if host is not None else None)
+        gather, host_reduce = (op.host_calls() if hasattr(op, "host_calls") else None) or (
+            None, None)
+        on_grad = self._grad_hook(name, host_reduce)
         feats = self._feats
 
         def features(x):

@@ -137,10 +137,14 @@ class FactGraSS(FactorizedCompressor):
         """The equivalent flat mask on row-major vec(G): sorted, ``k_in * k_out`` entries."""
         return (self.idx_out[:, None] * self.d_in_eff + self.idx_in[None, :]).reshape(-1)
 
+    def _keeps_bias(self) -> bool:
+        """Whether the mask keeps the bias column (index d_in; the mask is sorted, so it is the
+        last entry when kept)."""
+        return self.bias and int(self.idx_in[-1]) == self.d_in
+
     def input_features(self, x_BTI: torch.Tensor) -> torch.Tensor:
-        # Gather in the input's own dtype, then upcast only the k_in kept columns. The mask is
-        # sorted, so the bias column (index d_in), when kept, is the last one.
-        keep_bias = self.bias and int(self.idx_in[-1]) == self.d_in
+        # Gather in the input's own dtype, then upcast only the k_in kept columns.
+        keep_bias = self._keeps_bias()
         n = self.k_in - int(keep_bias)
         if n == self.d_in:  # every column kept: no gather
             xs = x_BTI
@@ -157,8 +161,7 @@ class FactGraSS(FactorizedCompressor):
         """``(gather, reduce)``: ``input_features`` and ``reduce`` bound straight to the CPU
         extension (``kernels.host_calls``), for the capture's hooks; None where they do not
         apply (no extension; every input column kept, so there is nothing to gather)."""
-        keep_bias = self.bias and int(self.idx_in[-1]) == self.d_in
-        if self.k_in - int(keep_bias) == self.d_in:
+        if self.k_in - int(self._keeps_bias()) == self.d_in:
             return None
         cpu = torch.device("cpu")
         call = _prepared(self._calls, self._all_in, self._out, self.sjlt.csr, self.sjlt.scale,

@@ -114,27 +114,80 @@ def test_nonfinite_rows_fail_or_are_recorded(tmp_path):
     assert any("non-finite" in p for p in verify_store(url))
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_rows_staged_in_the_store_dtype_are_checked_and_left_unchanged(tmp_path, dtype):
     # The cache job hands write_chunk views of one [R, sum k] buffer already in the store's
     # dtype; they skip the float32 round trip but not the finiteness check.
     store = create_store(str(tmp_path / "s.zarr"), small_layout(dtype=dtype), META)
-    tdt = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    tdt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     widths = [x.k for x in LAYERS]
     buf = torch.linspace(-2, 2, 3 * sum(widths)).reshape(3, -1).to(tdt)
-    buf[2, widths[0]] = float("inf")  # example 2's second layer
+    buf[0, 0] = torch.finfo(tdt).max  # the largest finite value is fine
+    buf[1, -1] = float("nan")  # example 1's last layer
+    buf[2, widths[0]] = float("-inf")  # example 2's second layer
     views = dict(zip([x.name for x in LAYERS], buf.split(widths, dim=1)))
     before = buf.clone()
-    with pytest.raises(NonFiniteGradientError, match=r"'e2'"):
-        store.write_chunk(0, views, ["e0", "e1", "e2"], [1, 1, 1], [0, 0, 0])
-    store.write_chunk(0, views, ["e0", "e1", "e2"], [1, 1, 1], [0, 0, 0], nonfinite="record")
-    assert torch.equal(buf, before)  # the caller's buffer is not zeroed in place
+    ids = ["e0", "e1", "e2"]
+    with pytest.raises(NonFiniteGradientError, match=r"\['e1', 'e2'\]"):
+        store.write_chunk(0, views, ids, [1] * 3, [0] * 3)
+    store.write_chunk(0, views, ids, [1] * 3, [0] * 3, nonfinite="record")
+    assert torch.equal(buf.isnan(), before.isnan())  # the caller's buffer is not zeroed
+    assert torch.equal(buf.nan_to_num(), before.nan_to_num())
     back = open_store(str(tmp_path / "s.zarr"))
-    assert back.group["row_flags"][:3].tolist() == [0, 0, 1]
+    assert back.group["row_flags"][:3].tolist() == [0, 1, 1]
     for name, view in views.items():
-        torch.testing.assert_close(torch.from_numpy(back.read_rows(name, 0, 2)),
-                                   view[:2].float(), rtol=0, atol=0)
-        assert (back.read_rows(name, 2, 3) == 0).all()
+        torch.testing.assert_close(torch.from_numpy(back.read_rows(name, 0, 1)),
+                                   view[:1].float(), rtol=0, atol=0)
+        assert (back.read_rows(name, 1, 3) == 0).all()
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2 or not os.path.isdir("/proc/self/task"),
+                    reason="needs torch intra-op threads and Linux's /proc")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_writing_a_staged_chunk_in_a_thread_starts_no_openmp_team(tmp_path, dtype):
+    """The cache job writes chunks in a background thread that lives for the whole job. A torch
+    op there that runs in parallel gives the thread an OpenMP team of its own (one more OS
+    thread, kept while the thread lives), and while it exists every parallel op of the step
+    loop ran slower: the loop fell from ~0.95 to ~0.76 of the floor
+    (``tools/bench_capture.py --job``). Writing a chunk big enough for torch to go parallel
+    must add no OS thread but the writer itself."""
+    import threading
+
+    R = 256
+    layers = tuple(LayerInfo(f"l{i}", "factgrass:k=256,k_in=16,k_out=16", i, 256, 64, 64, False)
+                   for i in range(3))
+    layout = StoreLayout(n_examples=2 * R, layers=layers, chunk_rows=R, dtype=dtype)
+    store = create_store(str(tmp_path / "s.zarr"), layout, META)
+    tdt = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    buf = torch.randn(R, 3 * 256).to(tdt)  # 65536 values per layer: above torch's grain
+    views = {f"l{i}": buf[:, 256 * i:256 * (i + 1)] for i in range(3)}
+    ids = [str(i) for i in range(R)]
+    store.write_chunk(0, views, ids, np.ones(R), np.zeros(R))  # zarr's own threads start here
+    torch.ones(1024, 1024).sum()  # the main thread's team exists
+    before, wrote, release = _os_threads(), threading.Event(), threading.Event()
+    counts = []
+
+    def work():
+        store.write_chunk(1, views, ids, np.ones(R), np.zeros(R))
+        wrote.set()
+        release.wait()
+
+    th = threading.Thread(target=work)
+    th.start()
+    try:
+        assert wrote.wait(60)
+        counts.append(_os_threads() - before)
+    finally:
+        release.set()
+        th.join()
+    assert counts == [1], f"writing added {counts[0] - 1} OS thread(s) besides the writer"
+    torch.testing.assert_close(torch.from_numpy(open_store(str(tmp_path / "s.zarr"))
+                                                .read_rows("l1", R, 2 * R)),
+                               views["l1"].float(), rtol=0, atol=0)
 
 
 def test_write_errors_are_clear(tmp_path):

@@ -334,16 +334,20 @@ class GradientStore:
 
     def _encode_stored_dtype(self, t: torch.Tensor, shape, what) -> tuple[np.ndarray, np.ndarray]:
         """Rows already in the store's dtype (the cache job stages them so): one contiguous
-        host copy and a finiteness check, no round trip through float32."""
+        host copy and a finiteness check, no round trip through float32.
+
+        Both are numpy, not torch: the cache job calls this from its writer thread, and a
+        torch op there gives that thread an OpenMP team of its own, which for as long as the
+        thread lives slows every parallel op of the step loop (measured in
+        ``tools/bench_capture.py --job``: the loop ran at 0.76 of the floor with torch here)."""
         if tuple(t.shape) != shape:
             raise ValueError(f"{what}: expected shape {list(shape)}, got {list(t.shape)}")
-        t = t.detach()
-        rows = torch.empty(shape, dtype=t.dtype)  # a copy: bad rows may be zeroed in place
-        rows.copy_(t)
-        bad = (~torch.isfinite(rows).all(dim=1)).numpy()
+        t = t.detach().cpu()
+        bits = t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # numpy has no bf16
+        rows = np.array(bits.numpy(), order="C")  # a copy: bad rows may be zeroed in place
         if self.layout.dtype == "bfloat16":
-            return rows.view(torch.int16).numpy().view(np.uint16), bad
-        return rows.numpy(), bad
+            rows = rows.view(np.uint16)
+        return rows, _nonfinite_rows(rows, self.layout.dtype)
 
     def _encode_tokens(self, c, token_grads, token_positions, bad):
         if self.layout.token_mode is None:
@@ -397,6 +401,15 @@ class GradientStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def _nonfinite_rows(rows: np.ndarray, dtype: str) -> np.ndarray:
+    """``[R]`` bool: rows of a store-dtype array holding a NaN or an infinity (for the 16-bit
+    types, every exponent bit set; ``rows`` of bfloat16 are its uint16 bits)."""
+    if dtype == "float32":
+        return ~np.isfinite(rows).all(axis=1)
+    exponent = np.uint16(0x7C00 if dtype == "float16" else 0x7F80)
+    return ((rows.view(np.uint16) & exponent) == exponent).any(axis=1)
 
 
 def _np(x) -> np.ndarray:

@@ -120,6 +120,8 @@ at::Tensor sjlt_t(const at::Tensor& y, const at::Tensor& rows, const at::Tensor&
   return sjlt_t_cpu(y, rows, signs, scale);
 }
 
+void bind_capture_hook(py::module_& m);  // cpu/capture_hook.cpp
+
 }  // namespace grass
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -135,6 +137,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("src"), py::arg("sgn"), py::arg("scale"));
   m.def("sjlt_t", &grass::sjlt_t, "transpose SJLT of a batch of vectors", py::arg("y"),
         py::arg("rows"), py::arg("signs"), py::arg("scale"));
+  grass::bind_capture_hook(m);
 #ifdef GRASS_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -23,6 +23,12 @@
 
 namespace grass {
 
+// The checked entry points (bindings.cpp), for callers inside the extension.
+at::Tensor factgrass(const at::Tensor& x, const at::Tensor& d, const at::Tensor& idx_in,
+                     const at::Tensor& idx_out, const at::Tensor& indptr, const at::Tensor& src,
+                     const at::Tensor& sgn, double scale, bool per_token);
+at::Tensor gather_columns(const at::Tensor& x, const at::Tensor& idx);
+
 // Per-example FactGraSS: [B, T, I] x [B, T, O] -> [B, K] (per_token=false) or [B, T, K].
 at::Tensor factgrass_cpu(const at::Tensor& x, const at::Tensor& d, const at::Tensor& idx_in,
                          const at::Tensor& idx_out, const at::Tensor& indptr,

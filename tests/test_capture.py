@@ -231,9 +231,14 @@ def test_position_rows_sum_only_the_partial_layers_over_the_group(monkeypatch):
             torch.testing.assert_close(sink.example[:, a:b], ex * (2 if n in partial else 1))
 
 
+class PythonHooks(GradientCapture):
+    native_hooks = False  # every layer on the Python hooks, not the C++ ones
+
+
 def test_cpu_hooks_call_the_extension_directly_and_other_inputs_take_the_checked_path(
         monkeypatch):
-    """The hooks' lean CPU path (FactGraSS.host_calls) serves plain contiguous activations; a
+    """The Python hooks' lean CPU path (FactGraSS.host_calls, used where the C++ hooks are not:
+    position mode, ``native_hooks = False``) serves plain contiguous activations; a
     non-contiguous input, and a call the extension refuses, take the checked path. Every row
     equals the dense map of the per-example backward either way."""
     from grass_llm import kernels
@@ -267,7 +272,7 @@ def test_cpu_hooks_call_the_extension_directly_and_other_inputs_take_the_checked
         lambda mod, args: (args[0].transpose(0, 1).contiguous().transpose(0, 1),))
     examples = make_examples(lengths=[6, 4, 5])
     ids, mask, labels = pad_batch(examples)
-    with GradientCapture(model, "factgrass:k=16,k_in=6,k_out=5", seed=3) as cap:
+    with PythonHooks(model, "factgrass:k=16,k_in=6,k_out=5", seed=3) as cap:
         out = cap(ids, mask, labels)
         comps = cap.compressors
     n = len(comps)

@@ -304,14 +304,19 @@ def test_capture_imports_without_the_private_tensor_parallel_helper():
 
 def test_reference_mode_leaves_the_hooks_no_direct_extension_path(monkeypatch):
     """GRASS_LLM_KERNELS=reference means the pure-torch path everywhere, the capture hooks'
-    direct CPU calls (FactGraSS.host_calls) included."""
+    direct CPU calls (FactGraSS.host_calls) and C++ hooks (FactGraSS.native_hook) included."""
+    from grass_llm.capture import GradientCapture
     from grass_llm.compress import FactGraSS
+    from grass_llm.models import tiny_model
 
     comp = FactGraSS(d_in=40, d_out=30, k=16, k_in=6, k_out=5, seed=1)
     monkeypatch.setenv("GRASS_LLM_KERNELS", "reference")
     build.reset()
     try:
         assert comp.host_calls() is None
+        assert comp.native_hook("layer", lambda *a: None) is None
+        with GradientCapture(tiny_model("llama"), "factgrass:k=16,k_in=6,k_out=5") as cap:
+            assert cap._native.hooks == {}
     finally:
         monkeypatch.undo()
         build.reset()

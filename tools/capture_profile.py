@@ -6,7 +6,10 @@ host-side row handling and the store write. Measured per step, medians over the 
   model forward      forward of the model alone: the floor run's forward (no hooks)
   loss               the per-example loss on the logits (the floor run's)
   model backward     backward of the model alone: the floor run's backward (no hooks)
-  forward hooks      time inside the capture's forward hooks (feature gathers), all layers
+  forward hooks      time inside the capture's forward hooks (feature gathers), all layers;
+                     the profile runs the Python hooks (GradientCapture.native_hooks = False)
+                     so that it can time them: the C++ hooks of the cache job do the same
+                     gathers and kernels with less Python around them
   backward hooks     time inside the tensor hooks on each layer's output gradient (the
                      FactGraSS reduction, fused with its SJLT on the extension path), per layer
                      kind (q/k/v/o/gate/up/down)
@@ -55,7 +58,11 @@ def _sync() -> None:
 
 
 class _Timed(GradientCapture):
-    """GradientCapture whose hooks and model forward are timed (same code, wrapped)."""
+    """GradientCapture whose hooks and model forward are timed (same code, wrapped). Its
+    layers run on the Python hooks, which can be wrapped (with their direct extension calls;
+    the capture's C++ hooks do the same work without the Python around it)."""
+
+    native_hooks = False
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)

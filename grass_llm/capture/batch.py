@@ -1,10 +1,39 @@
-"""Batch preparation for the capture: input checks and moving left padding to the right."""
+"""A batch in and out of the capture: input checks, moving left padding to the right, and
+the compressed gradients it gives (``CaptureOutput``)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from grass_llm.capture.loss import IGNORE
+
+
+@dataclass
+class CaptureOutput:
+    """Compressed gradients of one batch.
+
+    Attributes:
+        grads: ``{layer: [B, K]}`` per example, or ``{layer: [N, K]}`` rows in token mode.
+        loss: ``[B]`` each example's loss (with the chosen reduction).
+        n_targets: ``[B]`` target tokens per example.
+        offsets: token modes: ``[B + 1]``, rows of example b are ``offsets[b]:offsets[b+1]``.
+        positions: token modes: ``[N]`` sequence position of each row's token (its label
+            position in ``loss`` mode; its input position in ``position`` mode).
+        token_rows: ``position`` mode: the ``[N, sum k]`` buffer (layers in capture order) that
+            ``grads`` are column views of, written per layer during backward (``tokens``).
+        example_rows: ``position`` mode: ``[B, sum k]`` each example's row, the sum of its
+            positions' rows, in the compute dtype.
+    """
+
+    grads: dict[str, torch.Tensor]
+    loss: torch.Tensor
+    n_targets: torch.Tensor
+    offsets: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    token_rows: torch.Tensor | None = None
+    example_rows: torch.Tensor | None = None
 
 
 def row_example(offsets: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,9 @@ For each selected Linear ``z = W x (+ b)`` the forward hook keeps only the compr
 features of x (FactGraSS: the k_in masked columns; LoGra: P_in x) — never the full activation —
 and registers a tensor hook on z. When autograd produces ``delta = dloss/dz`` the hook reduces it
 to the layer's compressed per-example vector at once and frees the features. On the CPU, a
-plain contiguous tensor goes straight to the extension (``FactGraSS.host_calls``), which checks
-the call in C++; anything else takes the checked path.
+FactGraSS layer's per-example hooks are C++ (``capture.native``: no Python per layer and step),
+and the Python hooks' plain contiguous tensors go straight to the extension
+(``FactGraSS.host_calls``), which checks the call in C++; anything else takes the checked path.
 
 No weight gradient is ever computed: every parameter is frozen for the duration of the capture
 and the input embedding's output is made a leaf that requires grad, so backward flows only
@@ -19,13 +20,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from grass_llm.capture.batch import check_batch, right_align, row_example
+from grass_llm.capture.batch import CaptureOutput, check_batch, right_align, row_example
 from grass_llm.capture.layers import select_layers
+from grass_llm.capture.native import NativeHooks
 from grass_llm.capture.setup import deterministic_mode, embedding_leaf, local, shard_view
 from grass_llm.capture.tokens import TokenRows
 from grass_llm.capture.loss import (
@@ -39,32 +40,6 @@ from grass_llm.compress.base import compute_dtype
 from grass_llm.parallel import comm
 
 TOKEN_MODES = (None, "loss", "position")
-
-
-@dataclass
-class CaptureOutput:
-    """Compressed gradients of one batch.
-
-    Attributes:
-        grads: ``{layer: [B, K]}`` per example, or ``{layer: [N, K]}`` rows in token mode.
-        loss: ``[B]`` each example's loss (with the chosen reduction).
-        n_targets: ``[B]`` target tokens per example.
-        offsets: token modes: ``[B + 1]``, rows of example b are ``offsets[b]:offsets[b+1]``.
-        positions: token modes: ``[N]`` sequence position of each row's token (its label
-            position in ``loss`` mode; its input position in ``position`` mode).
-        token_rows: ``position`` mode: the ``[N, sum k]`` buffer (layers in capture order) that
-            ``grads`` are column views of, written per layer during backward (``tokens``).
-        example_rows: ``position`` mode: ``[B, sum k]`` each example's row, the sum of its
-            positions' rows, in the compute dtype.
-    """
-
-    grads: dict[str, torch.Tensor]
-    loss: torch.Tensor
-    n_targets: torch.Tensor
-    offsets: torch.Tensor | None = None
-    positions: torch.Tensor | None = None
-    token_rows: torch.Tensor | None = None
-    example_rows: torch.Tensor | None = None
 
 
 class GradientCapture:
@@ -97,6 +72,10 @@ class GradientCapture:
         keep_trainable: parameters to leave trainable (DeepSpeed ZeRO-3's unused anchor, see
             ``grass_llm.parallel.zero3``); every other parameter is frozen during capture.
     """
+
+    #: FactGraSS layers on the CPU run their per-example hooks in C++ (``capture.native``);
+    #: False keeps every layer on the Python hooks (``tools/capture_profile.py`` times them).
+    native_hooks = True
 
     def __init__(self, model: nn.Module, spec: str, *, layers: Sequence[str] | None = None,
                  exclude: Sequence[str] | None = None, seed: int = 0, reduction: str = "sum",
@@ -141,6 +120,8 @@ class GradientCapture:
         self._ops = {name: shard_view(comp, self.layers[name], tp_group)
                      for name, comp in self.compressors.items()}
         self._handles: list = []
+        self._native = NativeHooks()
+        self._reduce: dict = {}  # per layer: the checked reduction (feats, delta) -> rows
         self._feats: dict[str, torch.Tensor] = {}
         self._results: dict[str, torch.Tensor] = {}
         self._saved_state: tuple | None = None
@@ -182,6 +163,7 @@ class GradientCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._native.clear()
         self._feats.clear()
         self._results.clear()
         params, training, use_cache = self._saved_state
@@ -238,6 +220,8 @@ class GradientCapture:
             output.register_hook(on_grad)
             return None
 
+        if self.native_hooks and self.token_mode != "position":
+            return self._native.forward_hook(name, op, hook)
         return hook
 
     def _grad_hook(self, name: str, host_reduce=None):
@@ -259,6 +243,8 @@ class GradientCapture:
             if isinstance(comp, FactorizedCompressor):
                 return op.reduce(feats, d, per_position)  # fused kernel where there is one
             return _materialized(comp, feats, d.to(compute_dtype(d)), per_position)
+
+        self._reduce[name] = reduce
 
         def hook(grad):
             feats = pop(name, None)
@@ -332,6 +318,7 @@ class GradientCapture:
     def _step(self, input_ids, attention_mask, labels):
         self._feats.clear()
         self._results.clear()
+        self._native.reset()
         with torch.enable_grad():
             out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                              position_ids=position_ids_from_mask(attention_mask),
@@ -342,6 +329,7 @@ class GradientCapture:
                 warnings.warn(f"{int((n == 0).sum())} example(s) have no target token; their "
                               "gradients are zero", stacklevel=3)
             loss.sum().backward()
+        self._native.collect(self._results, self._reduce)
         missing = [k for k in self.layers if k not in self._results]
         if missing:
             raise RuntimeError(f"no output gradient reached {len(missing)} hooked layer(s), "

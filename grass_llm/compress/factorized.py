@@ -161,12 +161,24 @@ class FactGraSS(FactorizedCompressor):
         """``(gather, reduce)``: ``input_features`` and ``reduce`` bound straight to the CPU
         extension (``kernels.host_calls``), for the capture's hooks; None where they do not
         apply (no extension; every input column kept, so there is nothing to gather)."""
+        host = self._host()
+        return kernels.host_calls(*host) if host else None
+
+    def native_hook(self, name: str, fallback):
+        """The capture's per-example hooks for this layer in C++ (``kernels.native_hook``), with
+        ``fallback`` for the inputs they do not take; None where they do not apply (as
+        ``host_calls``)."""
+        host = self._host()
+        return kernels.native_hook(name, *host, fallback) if host else None
+
+    def _host(self):
+        """``(idx_in, call)`` on the CPU for the direct paths, or None: every input column kept."""
         if self.k_in - int(self._keeps_bias()) == self.d_in:
             return None
         cpu = torch.device("cpu")
         call = _prepared(self._calls, self._all_in, self._out, self.sjlt.csr, self.sjlt.scale,
                          cpu, self.k_in, self.d_out)
-        return kernels.host_calls(self._in.get(cpu), call)
+        return self._in.get(cpu), call
 
     def output_features(self, delta_BTO: torch.Tensor) -> torch.Tensor:
         if self.k_out == self.d_out:

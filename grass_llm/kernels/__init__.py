@@ -9,6 +9,7 @@ the index tables once each, so no kernel reads out of bounds.
 from grass_llm.kernels import tables
 from grass_llm.kernels.build import extension, info, mode
 from grass_llm.kernels.ops import (FactGraSSCall, backend_name, factgrass, host_calls, host_gather,
-                                  sjlt, sjlt_t)
+                                  native_hook, sjlt, sjlt_t)
 
-__all__ = ["FactGraSSCall", "backend_name", "extension", "factgrass", "host_calls", "host_gather", "info", "mode", "sjlt", "sjlt_t", "tables"]
+__all__ = ["FactGraSSCall", "backend_name", "extension", "factgrass", "host_calls", "host_gather",
+           "info", "mode", "native_hook", "sjlt", "sjlt_t", "tables"]

@@ -300,3 +300,19 @@ def host_calls(idx_in: Tensor, call: FactGraSSCall):
         return factgrass_ext(xf, delta, *tables, scale, per_token)
 
     return gather, reduce
+
+
+def native_hook(name: str, idx_in: Tensor, call: FactGraSSCall, fallback):
+    """A factorized layer's capture hooks in C++ (``csrc/cpu/capture_hook.cpp``), or None where
+    the extension does not run (no extension, tables not on the CPU).
+
+    The returned ``CaptureHook`` is the module's forward hook: a plain contiguous 3-D CPU
+    activation is gathered and a C++ hook on the output runs ``call``'s kernel when delta
+    arrives, with no Python per layer and step; ``take()`` then gives ``(result, features,
+    gradient)``: the ``[B, K]`` result, or the features and gradient of a call the kernel
+    refused, for the checked path. Every other activation goes to ``fallback`` (the Python
+    hook). Per-example rows only (``per_token=False``)."""
+    ext = build.extension()
+    if ext is None or call.device.type != "cpu" or idx_in.device.type != "cpu":
+        return None
+    return ext.CaptureHook(name, idx_in, *call.tables, call.scale, Tensor, fallback)

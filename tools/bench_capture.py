@@ -27,7 +27,8 @@ dtype's bytes / tokens per example.
 Each figure is the median over --repeats passes over all batches; the rows are interleaved
 within a pass, each pass starting one row later, so that drift on a shared machine hits them
 alike. (--profile also gives the median of per-batch floor / capture ratios from back-to-back
-pairs, the steadier figure on a noisy machine.)
+pairs, the steadier figure on a noisy machine; --job measures the cache job's whole step loop,
+chunk writes in the background writer included, against the floor: tools/job_profile.py.)
 
 Models: --model tiny (random Llama: vocab 512, hidden 128, 4 layers, intermediate 256, the
 configuration peers were measured on, see REFERENCE.md), --model smollm2 (SmolLM2-135M from the
@@ -61,6 +62,7 @@ from grass_llm.models import load_smollm2, tiny_model
 from capture_profile import (machinery, paired, print_machinery,  # tools/, next to this file
                              print_paired, print_profile, profile, rows_one_buffer,
                              rows_per_example)
+from job_profile import job, print_job
 
 SETTINGS = {
     # the paper's Llama-8B setting: 4096 numbers per layer
@@ -351,6 +353,11 @@ def main() -> None:
                     help="print where one FactGraSS step's time goes, what the hooks cost "
                          "before doing any work, and the capture's ratio to the floor from "
                          "back-to-back pairs (tools/capture_profile.py) instead of the tables")
+    ap.add_argument("--job", action="store_true",
+                    help="print the cache job's step loop (capture, rows, chunk writes in the "
+                         "background writer) against the floor, pass by pass "
+                         "(tools/job_profile.py) instead of the tables")
+    ap.add_argument("--chunk-rows", type=int, default=256, help="--job: rows per store chunk")
     args = ap.parse_args()
     tables = [] if args.scaling == "none" else [t.strip() for t in args.scaling.split(",")]
     bad = set(tables) - {"seq", "k", "layers"}
@@ -366,10 +373,11 @@ def main() -> None:
           f"{torch.__version__}, {torch.get_num_threads()} threads, device {device}, kernels "
           f"'{kernels.backend_name(torch.zeros(1, device=device))}'")
     t0 = time.perf_counter()
-    if args.profile:
+    if args.profile or args.job:
         spec = next(v for k, v in SETTINGS[args.setting].items() if k.startswith("FactGraSS"))
         batches = make_batches(model.config.vocab_size, args.docs * args.seq, args.seq,
                                args.batch * args.seq, device=model.device)
+    if args.profile:
         what = (f"{spec}, {len(batches)} batches of {batches[0].shape[0]} x {args.seq} tokens, "
                 f"medians of {args.repeats}")
         print_profile(profile(model, batches, spec, args.repeats), f"profile of one step: {what}")
@@ -377,6 +385,12 @@ def main() -> None:
                         f"the hooks' machinery alone, side by side with the floor: {what}")
         print_paired(paired(model, batches, spec, args.repeats),
                      f"the whole capture against the floor, batch by batch: {what}")
+        return
+    if args.job:
+        print_job(job(model, batches, spec, args.repeats, args.chunk_rows),
+                  f"the cache job's step loop against the floor: {spec}, batches of "
+                  f"{batches[0].shape[0]} x {args.seq} tokens, {args.chunk_rows}-row chunks "
+                  f"written to a float16 store, medians of {args.repeats} pass pairs")
         return
     main_table(args, model)
     for what in tables:

@@ -3,9 +3,11 @@
 A job pass runs the batches through what ``grass_llm.cache_loop`` does per step: the capture,
 the rows staged in the store's dtype (``stage_batch``) and placed in their chunk's buffer, and
 each full chunk handed to the background ``ChunkWriter``, which writes it to a float16 Zarr
-store on local disk, fsync included. The writer lives through all passes, as in the job. Each
-pass covers two whole chunks and ends by waiting for its last chunk, so every write is counted
-(the job itself waits only for its very last chunk).
+store on local disk, fsync included. Each pass covers two whole chunks with a writer of its
+own, as the job has one for its whole loop, and ends by closing it, which waits for the last
+chunk: every write is counted (the job itself waits only for its very last chunk). The floor
+passes run with no writer alive: a writer thread can slow the loop just by existing (one that
+had run a parallel torch op kept an OpenMP team, see ``GradientStore._encode_stored_dtype``).
 
 A floor pass runs forward + loss + backward with frozen weights and no hooks, on a copy of the
 model, over the same batches. Floor and job passes alternate, in turn order. The figure is the
@@ -60,12 +62,11 @@ def job(model, batches, spec: str, repeats: int, chunk_rows: int = 256) -> dict:
         store = create_store(f"{tmp}/job.zarr",
                              _layout(cap, steps * B * (repeats + 1), chunk_rows),
                              {"bench": "job"}, overwrite=True)
-        writer = ChunkWriter(store)
-        submitted, row = 0, 0
+        row = 0
 
         def job_pass() -> None:
-            nonlocal submitted, row
-            buf = None
+            nonlocal row
+            writer, buf = ChunkWriter(store), None
             for ids in order:
                 out = cap(ids)
                 idx = np.arange(row, row + ids.shape[0])
@@ -79,10 +80,8 @@ def job(model, batches, spec: str, repeats: int, chunk_rows: int = 256) -> dict:
                                             for j, n in enumerate(names)},
                                   example_ids=[str(i) for i in range(buf.a, buf.b)],
                                   n_targets=buf.n, loss=buf.loss)
-                    submitted += 1
                     buf = None
-            while writer.written < submitted:  # the pass's last chunk is on disk
-                time.sleep(0.0005)
+            writer.close()  # the pass's last chunk is on disk
 
         def floor_pass() -> None:
             for ids in order:
@@ -91,21 +90,18 @@ def job(model, batches, spec: str, repeats: int, chunk_rows: int = 256) -> dict:
                 del logits
 
         run = {"floor": floor_pass, "job": job_pass}
-        try:
-            for r in range(repeats + 1):  # the first pair warms up
-                secs = {}
-                for which in (("floor", "job") if r % 2 else ("job", "floor")):
-                    _sync()
-                    t = time.perf_counter()
-                    run[which]()
-                    _sync()
-                    secs[which] = time.perf_counter() - t
-                if r:
-                    for which, s in secs.items():
-                        times[which].append(s / steps)
-                    ratios.append(secs["floor"] / secs["job"])
-        finally:
-            writer.close()
+        for r in range(repeats + 1):  # the first pair warms up
+            secs = {}
+            for which in (("floor", "job") if r % 2 else ("job", "floor")):
+                _sync()
+                t = time.perf_counter()
+                run[which]()
+                _sync()
+                secs[which] = time.perf_counter() - t
+            if r:
+                for which, s in secs.items():
+                    times[which].append(s / steps)
+                ratios.append(secs["floor"] / secs["job"])
     return {"floor": statistics.median(times["floor"]), "job": statistics.median(times["job"]),
             "ratios": ratios, "steps": steps}
 

@@ -6,6 +6,11 @@ Failure semantics: a chunk counts only once ``write_chunk`` has marked it done (
 marker last), so a writer error loses nothing already marked done. The first error stops the
 writer; the loop sees it at its next ``submit`` (or at ``close``) and raises it, so the run
 stops instead of computing chunks that cannot be stored.
+
+The thread must run no parallel torch op: one would give it an OpenMP team of its own, and
+while that team lives (as long as the thread: the whole job) every parallel op of the step
+loop runs slower. ``GradientStore.write_chunk`` encodes rows staged in the store's dtype with
+numpy for that reason (``tests/test_store.py`` counts the threads).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ from grass_llm.models import load_smollm2, tiny_model
 
 from capture_profile import (machinery, paired, print_machinery,  # tools/, next to this file
                              print_paired, print_profile, profile, rows_one_buffer,
-                             rows_per_example)
+                             rows_per_example, sync)
 from job_profile import job, print_job
 
 SETTINGS = {
@@ -114,11 +114,6 @@ def make_batches(vocab: int, tokens: int, seq: int, batch_tokens: int, seed: int
     docs, per = max(1, tokens // seq), max(1, batch_tokens // seq)
     return [torch.randint(0, vocab, (min(per, docs - i), seq), generator=gen).to(device)
             for i in range(0, docs, per)]
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def n_tokens(batches) -> int:
@@ -199,10 +194,10 @@ def measure(rows: dict[str, Callable[[], None]], repeats: int) -> dict[str, floa
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             fn = rows[name]
-            _sync()
+            sync()
             t0 = time.perf_counter()
             fn()
-            _sync()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 

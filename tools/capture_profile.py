@@ -52,7 +52,7 @@ from grass_llm.store import LayerInfo, StoreLayout, create_store
 _KIND = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$")
 
 
-def _sync() -> None:
+def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -99,21 +99,21 @@ def _fwd_bwd(model, ids, acc: dict, hooked) -> object:
     marks = {}
     pre = model.register_forward_pre_hook(lambda *a: marks.__setitem__("a", time.perf_counter()))
     post = model.register_forward_hook(lambda *a: marks.__setitem__("b", time.perf_counter()))
-    _sync()
+    sync()
     t0 = time.perf_counter()
     try:
         if hooked is not None:
             out = hooked(ids)
-            _sync()
+            sync()
             acc["hooked step"] += time.perf_counter() - t0
             return out
         handle = model.get_input_embeddings().register_forward_hook(embedding_leaf)
         try:
             loss, _ = per_example_loss(model(input_ids=ids, use_cache=False).logits, ids)
-            _sync()
+            sync()
             t1 = time.perf_counter()
             loss.sum().backward()
-            _sync()
+            sync()
         finally:
             handle.remove()
     finally:
@@ -164,12 +164,17 @@ def rows_one_buffer(out, names, pinned: bool) -> None:
         off += k
 
 
-def _store(cap, rows: int, tmp: str):
+def store_layout(cap, n_rows: int, chunk_rows: int) -> StoreLayout:
+    """A float16 store layout for the capture's layers."""
     layers = tuple(LayerInfo(n, c.spec, c.seed, c.k, cap.layers[n].in_features,
                              cap.layers[n].out_features, cap._bias[n])
                    for n, c in cap.compressors.items())
-    layout = StoreLayout(n_examples=rows, layers=layers, chunk_rows=rows, dtype="float16")
-    return create_store(f"{tmp}/p.zarr", layout, {"profile": True}, overwrite=True)
+    return StoreLayout(n_examples=n_rows, layers=layers, chunk_rows=chunk_rows, dtype="float16")
+
+
+def _store(cap, rows: int, tmp: str):
+    return create_store(f"{tmp}/p.zarr", store_layout(cap, rows, rows), {"profile": True},
+                        overwrite=True)
 
 
 def _write_seconds(cap, chunk_rows: int, repeats: int) -> float:
@@ -277,11 +282,11 @@ def machinery(model, batches, spec: str, repeats: int) -> list[tuple[str, float]
         step = {"floor (forward + loss + backward)": floor}
         for name, cap in caps.items():
             with cap:
-                _sync()
+                sync()
                 t = time.perf_counter()
                 for ids in batches:
                     cap(ids)
-                _sync()
+                sync()
                 step[name] = time.perf_counter() - t
         if r:
             for name, secs in step.items():
@@ -315,7 +320,7 @@ def paired(model, batches, spec: str, repeats: int) -> list[float]:
             for i, ids in enumerate(batches):
                 secs = {}
                 for which in (("floor", "capture") if (r + i) % 2 else ("capture", "floor")):
-                    _sync()
+                    sync()
                     t = time.perf_counter()
                     if which == "floor":
                         logits = floor_model(input_ids=ids, use_cache=False).logits
@@ -323,7 +328,7 @@ def paired(model, batches, spec: str, repeats: int) -> list[float]:
                         del logits
                     else:
                         cap(ids)
-                    _sync()
+                    sync()
                     secs[which] = time.perf_counter() - t
                 if r:
                     ratios.append(secs["floor"] / secs["capture"])

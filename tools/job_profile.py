@@ -29,20 +29,10 @@ from grass_llm.cache_loop import _ChunkBuffer, stage_batch
 from grass_llm.capture import GradientCapture
 from grass_llm.capture.loss import per_example_loss
 from grass_llm.capture.setup import embedding_leaf
-from grass_llm.store import LayerInfo, StoreLayout, create_store
+from grass_llm.store import create_store
 from grass_llm.store.writer import ChunkWriter
 
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _layout(cap: GradientCapture, n_rows: int, chunk_rows: int) -> StoreLayout:
-    layers = tuple(LayerInfo(n, c.spec, c.seed, c.k, cap.layers[n].in_features,
-                             cap.layers[n].out_features, cap._bias[n])
-                   for n, c in cap.compressors.items())
-    return StoreLayout(n_examples=n_rows, layers=layers, chunk_rows=chunk_rows, dtype="float16")
+from capture_profile import store_layout, sync  # tools/, next to this file
 
 
 def job(model, batches, spec: str, repeats: int, chunk_rows: int = 256) -> dict:
@@ -60,7 +50,7 @@ def job(model, batches, spec: str, repeats: int, chunk_rows: int = 256) -> dict:
         widths = [cap.compressors[n].k for n in names]
         splits = np.cumsum([0] + widths)
         store = create_store(f"{tmp}/job.zarr",
-                             _layout(cap, steps * B * (repeats + 1), chunk_rows),
+                             store_layout(cap, steps * B * (repeats + 1), chunk_rows),
                              {"bench": "job"}, overwrite=True)
         row = 0
 
@@ -93,10 +83,10 @@ def job(model, batches, spec: str, repeats: int, chunk_rows: int = 256) -> dict:
         for r in range(repeats + 1):  # the first pair warms up
             secs = {}
             for which in (("floor", "job") if r % 2 else ("job", "floor")):
-                _sync()
+                sync()
                 t = time.perf_counter()
                 run[which]()
-                _sync()
+                sync()
                 secs[which] = time.perf_counter() - t
             if r:
                 for which, s in secs.items():

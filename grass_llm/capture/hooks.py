@@ -26,7 +26,7 @@ from torch import nn
 
 from grass_llm.capture.batch import CaptureOutput, check_batch, right_align, row_example
 from grass_llm.capture.layers import select_layers
-from grass_llm.capture.native import NativeHooks
+from grass_llm.capture.native import NativeHooks, two_gradients
 from grass_llm.capture.setup import deterministic_mode, embedding_leaf, local, shard_view
 from grass_llm.capture.tokens import TokenRows
 from grass_llm.capture.loss import (
@@ -182,9 +182,11 @@ class GradientCapture:
         bias = self._bias[name]
         reduce_in = getattr(op, "reduce_input", False)
         # The CPU extension's calls bound once (FactGraSS.host_calls): a plain contiguous CPU
-        # activation skips every Python-level step below; anything else takes them.
-        gather, host_reduce = (op.host_calls() if hasattr(op, "host_calls") else None) or (
-            None, None)
+        # activation skips every Python-level step below; anything else takes them. A layer
+        # that does not live on the CPU (a GPU run) gets neither these nor the C++ hooks.
+        on_cpu = self.layers[name].weight.device.type == "cpu"
+        gather, host_reduce = (op.host_calls() if on_cpu and hasattr(op, "host_calls")
+                               else None) or (None, None)
         on_grad = self._grad_hook(name, host_reduce)
         feats = self._feats
 
@@ -220,7 +222,7 @@ class GradientCapture:
             output.register_hook(on_grad)
             return None
 
-        if self.native_hooks and self.token_mode != "position":
+        if on_cpu and self.native_hooks and self.token_mode != "position":
             return self._native.forward_hook(name, op, hook)
         return hook
 
@@ -261,8 +263,7 @@ class GradientCapture:
             if res is None:
                 res = reduce(feats, grad)
             if name in self._results:
-                raise RuntimeError(f"layer {name} received two output gradients in one step; "
-                                   "modules called more than once per forward are not supported")
+                raise RuntimeError(two_gradients(name))
             if self._sink is not None:  # position mode: rows written out now, block freed
                 self._sink.put(name, res)
                 res = None

@@ -53,7 +53,12 @@ class NativeHooks:
             if res is None:
                 continue
             if name in results:
-                raise RuntimeError(f"layer {name} received two output gradients in one step; "
-                                   "modules called more than once per forward are not "
-                                   "supported")
+                raise RuntimeError(two_gradients(name))
             results[name] = res
+
+
+def two_gradients(name: str) -> str:
+    """The error for a layer that got two output gradients in one step (the C++ hook raises
+    the same words)."""
+    return (f"layer {name} received two output gradients in one step; modules called more "
+            "than once per forward are not supported")

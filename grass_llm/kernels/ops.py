@@ -287,8 +287,8 @@ def host_calls(idx_in: Tensor, call: FactGraSSCall):
     then takes the checked path (``call``, the op), which raises the precise error or computes
     the same result.
     """
-    ext = build.extension()
-    if ext is None or call.device.type != "cpu" or idx_in.device.type != "cpu":
+    ext = _host_extension(idx_in, call)
+    if ext is None:
         return None
     gather_columns, factgrass_ext = ext.gather_columns, ext.factgrass
     tables, scale = call.tables, call.scale
@@ -312,7 +312,15 @@ def native_hook(name: str, idx_in: Tensor, call: FactGraSSCall, fallback):
     gradient)``: the ``[B, K]`` result, or the features and gradient of a call the kernel
     refused, for the checked path. Every other activation goes to ``fallback`` (the Python
     hook). Per-example rows only (``per_token=False``)."""
+    ext = _host_extension(idx_in, call)
+    if ext is None:
+        return None
+    return ext.CaptureHook(name, idx_in, *call.tables, call.scale, Tensor, fallback)
+
+
+def _host_extension(idx_in: Tensor, call: FactGraSSCall):
+    """The extension, where a layer's direct CPU paths can use it: built, tables on the CPU."""
     ext = build.extension()
     if ext is None or call.device.type != "cpu" or idx_in.device.type != "cpu":
         return None
-    return ext.CaptureHook(name, idx_in, *call.tables, call.scale, Tensor, fallback)
+    return ext

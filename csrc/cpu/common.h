@@ -56,6 +56,22 @@ inline void gather_cols(const scalar_t* row, const Columns& cols, acc_t* out) {
   for (int64_t p : cols.ones) out[p] = acc_t(1);
 }
 
+// The same gather for `rows` rows (x rows ldx apart, out rows ldo apart), in one loop nest:
+// a call per row to the scalar loop above (which the optimize attribute keeps from being
+// inlined) cost as much again as the gather itself on rows of a few hundred values.
+template <typename scalar_t, typename acc_t>
+GRASS_SCALAR_LOOP void gather_rows(const scalar_t* __restrict__ x, int64_t ldx, int64_t rows,
+                                   const Columns& cols, acc_t* __restrict__ out, int64_t ldo) {
+  const int64_t* __restrict__ idx = cols.idx.data();
+  const int64_t n = static_cast<int64_t>(cols.idx.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row = x + r * ldx;
+    acc_t* o = out + r * ldo;
+    for (int64_t i = 0; i < n; ++i) o[i] = static_cast<acc_t>(row[idx[i]]);
+    for (int64_t p : cols.ones) o[p] = acc_t(1);
+  }
+}
+
 // out[j] = scale * sum_{e in row j of the CSR} sgn[e] * v[src[e]], for j in [j0, j1).
 template <typename v_t, typename acc_t>
 inline void csr_gather(const v_t* v, const int64_t* indptr, const int64_t* src,

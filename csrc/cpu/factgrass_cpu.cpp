@@ -65,9 +65,7 @@ void per_example(const at::Tensor& x, const at::Tensor& d, const Columns& in,
         xrows = reinterpret_cast<const acc_t*>(x_p) + (b * n.T + t0) * n.I;
         ldx = n.I;
       } else {
-        for (int64_t t = t0; t < t1; ++t) {
-          gather_cols(x_p + (b * n.T + t) * n.I, in, xs.data() + (t - t0) * KIp);
-        }
+        gather_rows(x_p + (b * n.T + t0) * n.I, n.I, t1 - t0, in, xs.data(), KIp);
         xrows = xs.data();
         ldx = KIp;
       }

@@ -24,7 +24,7 @@ at::Tensor gather_columns_cpu(const at::Tensor& x, const at::Tensor& idx) {
     const scalar_t* x_p = x.data_ptr<scalar_t>();
     acc_t* out_p = out.data_ptr<acc_t>();
     at::parallel_for(0, N, kRowsPerTask, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) gather_cols(x_p + r * I, cols, out_p + r * KI);
+      gather_rows(x_p + begin * I, I, end - begin, cols, out_p + begin * KI, KI);
     });
   });
   return out;

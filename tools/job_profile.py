@@ -16,7 +16,6 @@ median of the per-pair ratios floor / job.
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 import tempfile
@@ -28,11 +27,10 @@ import torch
 from grass_llm.cache_loop import _ChunkBuffer, stage_batch
 from grass_llm.capture import GradientCapture
 from grass_llm.capture.loss import per_example_loss
-from grass_llm.capture.setup import embedding_leaf
 from grass_llm.store import create_store
 from grass_llm.store.writer import ChunkWriter
 
-from capture_profile import store_layout, sync  # tools/, next to this file
+from capture_profile import floor_copy, store_layout, sync  # tools/, next to this file
 
 
 def job(model, batches, spec: str, repeats: int, chunk_rows: int = 256) -> dict:
@@ -40,8 +38,7 @@ def job(model, batches, spec: str, repeats: int, chunk_rows: int = 256) -> dict:
     B = batches[0].shape[0]
     steps = 2 * math.ceil(chunk_rows / B)  # two whole chunks per pass
     order = [batches[i % len(batches)] for i in range(steps)]
-    floor_model = copy.deepcopy(model)
-    floor_model.get_input_embeddings().register_forward_hook(embedding_leaf)
+    floor_model = floor_copy(model)
     pinned = next(model.parameters()).device.type == "cuda"
     times: dict[str, list[float]] = {"floor": [], "job": []}
     ratios = []

@@ -7,8 +7,8 @@ flags exactly as before), copied with one non-blocking copy into pinned host mem
 collected (placed into the chunk's host buffer) after the next batch has been launched, so the
 copy overlaps compute. A finished chunk goes to a ``ChunkWriter`` thread. The loop runs under
 ``host_heap.steady_heap``, so that the steps reuse host memory instead of faulting it in again
-each step. Shapes: B examples of
-a batch, N token rows of a batch, R rows of a chunk, ΣK the numbers stored per row.
+each step. Shapes: B examples of a batch, N token rows of a batch, R rows of a chunk, ΣK the
+numbers stored per row.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Minor page faults and RSS of host-heap patterns, run in a fresh process (a clean malloc
 state) by tests/test_host_heap.py. Prints one JSON line."""
 
+import contextlib
 import json
 import resource
 import sys
@@ -28,7 +29,7 @@ def capture_steps(steady: bool, steps: int) -> dict:
                        num_kv_heads=4, intermediate_size=256, attn_implementation="sdpa")
     ids = torch.randint(0, 512, (16, 128), generator=torch.Generator().manual_seed(0))
     faults = []
-    with host_heap.steady_heap() if steady else _nothing(), \
+    with host_heap.steady_heap() if steady else contextlib.nullcontext(), \
             GradientCapture(model, "factgrass:k=256,k_in=32,k_out=32", seed=0) as cap:
         for _ in range(steps):
             f = _faults()
@@ -53,14 +54,6 @@ def retained(mib: int) -> dict:
     out["after outer exit"] = _rss() - base
     out["active after"] = host_heap.active()
     return out
-
-
-class _nothing:
-    def __enter__(self):
-        return False
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

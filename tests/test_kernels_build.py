@@ -137,6 +137,38 @@ def test_tables_are_measured_once_not_per_call():
     assert first == 4 and tables.measured - before == 4  # idx_in, idx_out, indptr, src: once
 
 
+# A garbage collection that frees a remembered table runs its weakref callback, which takes
+# the tables' lock. Here a collection is forced inside _store (in version), as any allocation
+# there can trigger one; with the lock held there, the old code hung on the second remember.
+_GC_UNDER_THE_LOCK = """
+import gc, numpy as np, torch
+from grass_llm.kernels import tables
+real_version = tables.version
+def collecting(t):
+    gc.collect()
+    return real_version(t)
+tables.version = collecting
+class Cycle:
+    pass
+for _ in range(3):
+    c = Cycle()
+    c.me, c.t = c, torch.arange(5)  # freed only by the collector
+    tables.remember(c.t, np.arange(5))
+    del c
+    tables.remember(torch.arange(5), np.arange(5))
+print("done")
+"""
+
+
+def test_a_garbage_collection_while_a_table_is_remembered_does_not_deadlock():
+    try:
+        res = subprocess.run([sys.executable, "-c", _GC_UNDER_THE_LOCK], capture_output=True,
+                             text=True, timeout=30, cwd=Path(__file__).resolve().parents[1])
+    except subprocess.TimeoutExpired:
+        pytest.fail("remembering a table deadlocked when a collection freed another one")
+    assert res.returncode == 0 and res.stdout.strip() == "done", res.stderr[-2000:]
+
+
 def test_csr_tables_refuse_rows_outside_the_outputs():
     rows = np.array([[0, 3, 1], [2, 4, 0]])
     with pytest.raises(ValueError, match=r"rows must lie in \[0, k=4\)"):

@@ -38,7 +38,9 @@ class Stats:
 
 
 _EMPTY = Stats(0, -1, 0, -1, True)
-_lock = threading.Lock()
+# Re-entrant: a garbage collection can free a remembered tensor while this thread holds the
+# lock (any allocation may trigger one), and that tensor's weakref callback takes it again.
+_lock = threading.RLock()
 _known: dict[int, tuple[weakref.ref, int | None, Stats]] = {}
 measured = 0  # tables measured on the device so far (the tests count it)
 
@@ -84,8 +86,9 @@ def _store(t: torch.Tensor, stats: Stats) -> None:
             if entry is not None and entry[0] is _ref:
                 del _known[key]
 
+    entry = (weakref.ref(t, forget), version(t), stats)
     with _lock:
-        _known[key] = (weakref.ref(t, forget), version(t), stats)
+        _known[key] = entry
 
 
 def remember(t: torch.Tensor, array: np.ndarray) -> None:

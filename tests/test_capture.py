@@ -106,6 +106,40 @@ def test_equals_dense_map_of_per_example_backward(family, spec):
             torch.testing.assert_close(out.grads[name][b], expected, **TOL64)
 
 
+@pytest.mark.parametrize("spec", ["factgrass:k=16,k_in=6,k_out=5", "logra:k_in=3,k_out=4"])
+def test_backward_stops_at_the_first_hooked_layers_and_stays_exact(spec):
+    # Only block 1's MLP is hooked (factgrass: the C++ hooks; logra: the Python ones). Its
+    # gate/up outputs become the leaves, so nothing before them is recorded for backward, and
+    # the rows still equal the dense map of a full, ordinary backward.
+    model = tiny_model("llama", dtype=torch.float64)
+    examples = make_examples()
+    ids, mask, labels = pad_batch(examples, side="right")
+    seen = {}
+
+    def record(key):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            seen[key] = out.requires_grad
+        return hook
+
+    handles = [model.model.embed_tokens.register_forward_hook(record("embedding")),
+               model.model.layers[0].register_forward_hook(record("block 0")),
+               model.model.layers[1].post_attention_layernorm.register_forward_hook(
+                   record("block 1's MLP input"))]
+    with GradientCapture(model, spec, seed=3, layers=[r"re:layers\.1\.mlp\."]) as cap:
+        out = cap(ids, mask, labels)
+        comps = cap.compressors
+    for h in handles:
+        h.remove()
+    assert seen == {"embedding": False, "block 0": False, "block 1's MLP input": False}
+    assert sorted(comps) == [f"model.layers.1.mlp.{p}_proj" for p in ("down", "gate", "up")]
+    for b, (ex_ids, ex_labels) in enumerate(examples):
+        ref, _ = reference_vec_grads(model, ex_ids, ex_labels, comps)
+        for name, comp in comps.items():
+            torch.testing.assert_close(out.grads[name][b], comp.dense_matrix() @ ref[name],
+                                       **TOL64)
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_batch_and_padding_invariance(attn):
     model = tiny_model("llama", dtype=torch.float64, attn_implementation=attn)

@@ -1,8 +1,9 @@
 // The capture's per-layer hooks in C++, for plain contiguous CPU tensors in per-example mode
 // (grass_llm/capture/native.py). One CaptureHook per FactGraSS layer is the module's forward
-// hook: it gathers the kept input columns and registers a C++ hook on the output, which, when
-// autograd produces delta, runs the fused kernel and keeps the [B, K] result for Python to
-// take after backward. No Python runs per layer and step, and the backward hook needs no GIL.
+// hook: it gathers the kept input columns and registers a C++ hook on the output (made a leaf
+// first where nothing upstream requires grad), which, when autograd produces delta, runs the
+// fused kernel and keeps the [B, K] result for Python to take after backward. No Python runs
+// per layer and step, and the backward hook needs no GIL.
 //
 // Anything else (a tensor subclass such as DTensor, a non-contiguous or non-3-D activation, a
 // call the gather refuses) goes to the Python hook given as `fallback`, unchanged. An output
@@ -46,10 +47,18 @@ class CaptureHook {
     if (args.size() < 1 || !exact_tensor(args[0]) || !exact_tensor(output)) {
       return fallback_(module, args, output);
     }
-    at::Tensor out = output.cast<at::Tensor>();
-    if (!out.requires_grad()) return py::none();
     at::Tensor x = py::reinterpret_borrow<py::object>(args[0]).cast<at::Tensor>();
     if (!x.is_cpu() || x.dim() != 3 || !x.is_contiguous()) return fallback_(module, args, output);
+    at::Tensor out = output.cast<at::Tensor>();
+    // Nothing upstream requires grad: this layer is among the first hooked ones, and its output
+    // becomes the leaf where backward stops (GradientCapture: the module's output is replaced
+    // by a leaf with the same values, so no graph below it is built or run).
+    py::object leaf = py::none();
+    if (!out.requires_grad()) {
+      out = out.detach();
+      out.set_requires_grad(true);
+      leaf = py::cast(out);
+    }
     at::Tensor feats;
     bool refused = false;
     {
@@ -60,12 +69,16 @@ class CaptureHook {
         refused = true;
       }
     }
-    if (refused) return fallback_(module, args, output);  // it says precisely what is wrong
+    if (refused) {  // the Python hook says precisely what is wrong
+      if (leaf.is_none()) return fallback_(module, args, output);
+      fallback_(module, args, leaf);  // it takes the leaf as it is
+      return leaf;
+    }
     state_->feats = std::move(feats);  // a recomputation overwrites it with identical values
     out.register_hook([st = state_, tables = tables()](const at::Tensor& grad) {
       on_grad(*st, grad, tables);
     });
-    return py::none();
+    return leaf;  // None keeps the module's output; a leaf replaces it
   }
 
   // (result, feats, grad) of this step, then cleared: a result, or the features and gradient

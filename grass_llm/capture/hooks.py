@@ -8,9 +8,14 @@ FactGraSS layer's per-example hooks are C++ (``capture.native``: no Python per l
 and the Python hooks' plain contiguous tensors go straight to the extension
 (``FactGraSS.host_calls``), which checks the call in C++; anything else takes the checked path.
 
-No weight gradient is ever computed: every parameter is frozen for the duration of the capture
-and the input embedding's output is made a leaf that requires grad, so backward flows only
-through activations (DESIGN.md, measured facts). Shapes: B batch, T tokens, K compressed size.
+No weight gradient is ever computed: every parameter is frozen for the duration of the capture,
+so backward flows only through activations (DESIGN.md, measured facts). A hooked layer whose
+output does not require grad (nothing upstream does: it is among the first hooked layers) makes
+that output a leaf that requires grad, so backward stops there: nothing below the first hooked
+layers (their input gradients, the norms and embedding before them, the blocks before a hooked
+subset) is recorded or run. With gradient checkpointing the input embedding's output is the
+leaf instead, since a checkpointed block needs inputs that require grad. Shapes: B batch, T
+tokens, K compressed size.
 
 Vector compressors (GraSS, SJLT, Gaussian, FJLT, identity) take the slow path: the hook keeps x
 and materializes each example's exact ``G = sum_t delta_t x_t^T`` before compressing it.
@@ -27,7 +32,8 @@ from torch import nn
 from grass_llm.capture.batch import CaptureOutput, check_batch, right_align, row_example
 from grass_llm.capture.layers import select_layers
 from grass_llm.capture.native import NativeHooks, two_gradients
-from grass_llm.capture.setup import deterministic_mode, embedding_leaf, local, shard_view
+from grass_llm.capture.setup import (checkpointed, deterministic_mode, embedding_leaf, grad_leaf,
+                                     local, shard_view)
 from grass_llm.capture.tokens import TokenRows
 from grass_llm.capture.loss import (
     REDUCTIONS,
@@ -153,8 +159,9 @@ class GradientCapture:
         self._dropout_saved = deterministic_mode(m)
         if self._saved_state[2] is not None:
             m.config.use_cache = False
-        emb = m.get_input_embeddings()
-        self._handles.append(emb.register_forward_hook(embedding_leaf))
+        if checkpointed(m):  # a checkpointed block needs inputs that require grad
+            emb = m.get_input_embeddings()
+            self._handles.append(emb.register_forward_hook(embedding_leaf))
         for name, mod in self.layers.items():
             self._handles.append(mod.register_forward_hook(self._forward_hook(name)))
         return self
@@ -204,8 +211,10 @@ class GradientCapture:
             return x
 
         def hook(module, args, output):
-            if not torch.is_grad_enabled() or not output.requires_grad:
+            if not torch.is_grad_enabled():
                 return None  # e.g. the no-grad first pass of reentrant checkpointing
+            leaf = grad_leaf(output)  # among the first hooked layers: backward stops here
+            output = output if leaf is None else leaf
             x = args[0]
             # Kept until delta arrives: the k_in features for factorized maps, x itself for
             # the materializing slow path. A recomputation (gradient checkpointing) overwrites
@@ -220,7 +229,7 @@ class GradientCapture:
             else:
                 feats[name] = features(x)
             output.register_hook(on_grad)
-            return None
+            return leaf  # None keeps the module's output; a leaf replaces it
 
         if on_cpu and self.native_hooks and self.token_mode != "position":
             return self._native.forward_hook(name, op, hook)
@@ -329,7 +338,8 @@ class GradientCapture:
             if bool((n == 0).any()):
                 warnings.warn(f"{int((n == 0).sum())} example(s) have no target token; their "
                               "gradients are zero", stacklevel=3)
-            loss.sum().backward()
+            if loss.requires_grad:  # else no hooked layer is on the loss's path: error below
+                loss.sum().backward()
         self._native.collect(self._results, self._reduce)
         missing = [k for k in self.layers if k not in self._results]
         if missing:

@@ -22,6 +22,18 @@ def embedding_leaf(module, args, output):
     return output.detach().requires_grad_(True)
 
 
+def grad_leaf(output: torch.Tensor) -> torch.Tensor | None:
+    """A hooked layer's output made the leaf where backward stops, when nothing upstream
+    requires grad (it is among the first hooked layers): the same values, requiring grad, to
+    replace the module's output. None when the output already requires grad."""
+    return None if output.requires_grad else output.detach().requires_grad_(True)
+
+
+def checkpointed(model: nn.Module) -> bool:
+    """Whether any module of ``model`` has gradient checkpointing on (transformers' flag)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
 def deterministic_mode(model: nn.Module) -> list[tuple[nn.Module, float]]:
     """Eval mode, except decoder layers with gradient checkpointing on (transformers only
     checkpoints in training mode), which stay in train mode with every dropout disabled.

@@ -22,13 +22,16 @@ host-side row handling and the store write. Measured per step, medians over the 
 
 The floor and the hooked step run on the same batches, interleaved within each repeat.
 
-``machinery`` measures what the hooks cost before they do any work, side by side with the floor:
-the capture with forward hooks that only mark their layer (module hook dispatch and the
-capture's per-batch set-up), then with each forward hook also registering a tensor hook that
-does nothing (autograd's per-layer Python callback), then the whole capture.
+``machinery`` measures what the hooks cost before they do any work, side by side with the floor
+and the cut floor: the capture with forward hooks that only mark their layer (module hook
+dispatch and the capture's per-batch set-up), then with each forward hook also registering a
+tensor hook that does nothing (autograd's per-layer Python callback), then the whole capture.
+The capture's backward stops at the outputs of the first hooked layers (``grad_leaf``), and so
+do these rows' and the cut floor's; the floor's runs down to the input embedding.
 
-``paired`` runs the floor and the whole capture back to back on each batch (order alternating)
-and gives the median of the per-pair ratios floor / capture.
+``paired`` runs the floor, the cut floor (its backward stopped at the first hooked layers, as
+the capture's is) and the whole capture back to back on each batch (order rotating) and gives
+the medians of the ratios floor / capture and cut floor / capture.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import torch
 
 from grass_llm.cache_loop import _ChunkBuffer, stage_batch
 from grass_llm.capture import GradientCapture
-from grass_llm.capture.setup import embedding_leaf
+from grass_llm.capture.setup import embedding_leaf, grad_leaf
 from grass_llm.capture.loss import per_example_loss
 from grass_llm.store import LayerInfo, StoreLayout, create_store
 
@@ -165,14 +168,32 @@ def rows_one_buffer(out, names, pinned: bool) -> None:
         off += k
 
 
-def floor_copy(model):
+def floor_copy(model, cut_at=None):
     """A copy of ``model`` (the same weights) that runs the floor: every parameter frozen,
-    whatever the caller's model has, and the input embedding's output made a leaf that requires
-    grad, as in the capture, so that backward runs through the activations only."""
+    whatever the caller's model has, so that backward runs through the activations only.
+
+    ``cut_at=None``: the input embedding's output is the leaf that requires grad, and backward
+    runs down to it (the floor of issue 16 and the tables). ``cut_at`` = the capture's layer
+    names: the backward stops where the capture's does, at the outputs of the first of those
+    layers (``capture.setup.grad_leaf``), with a hook on those layers alone (found by one
+    forward), so that the capture's own cost is what this floor leaves out."""
     floor_model = copy.deepcopy(model)
     for p in floor_model.parameters():
         p.requires_grad_(False)
-    floor_model.get_input_embeddings().register_forward_hook(embedding_leaf)
+    if cut_at is None:
+        floor_model.get_input_embeddings().register_forward_hook(embedding_leaf)
+        return floor_model
+    mods = dict(floor_model.named_modules())
+    first = set()
+    probe = [mods[n].register_forward_hook(
+        lambda m, a, o, n=n: first.add(n) if not o.requires_grad else None) for n in cut_at]
+    with torch.enable_grad():
+        floor_model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=model.device),
+                    use_cache=False)
+    for h in probe:
+        h.remove()
+    for n in first:
+        mods[n].register_forward_hook(lambda m, a, o: grad_leaf(o))
     return floor_model
 
 
@@ -264,9 +285,11 @@ class _Empty(GradientCapture):
 
     def _forward_hook(self, name):
         def hook(module, args, output):
+            leaf = grad_leaf(output)  # where backward stops, as in the capture
             if self.register:
-                output.register_hook(_nothing)
+                (output if leaf is None else leaf).register_hook(_nothing)
             self._results[name] = None
+            return leaf
 
         return hook
 
@@ -285,6 +308,7 @@ def machinery(model, batches, spec: str, repeats: int) -> list[tuple[str, float]
             "  + a tensor hook per layer that does nothing": _EmptyRegistering(model, spec,
                                                                                seed=0),
             "capture (all of it)": GradientCapture(model, spec, seed=0)}
+    cut = floor_copy(model, list(caps["capture (all of it)"].layers))
     times: dict[str, list[float]] = defaultdict(list)
     for r in range(repeats + 1):  # the first pass warms up
         acc: dict[str, float] = defaultdict(float)
@@ -292,6 +316,12 @@ def machinery(model, batches, spec: str, repeats: int) -> list[tuple[str, float]
             _fwd_bwd(model, ids, acc, None)
         floor = acc["model forward"] + acc["loss"] + acc["model backward"]
         step = {"floor (forward + loss + backward)": floor}
+        sync()
+        t = time.perf_counter()
+        for ids in batches:
+            per_example_loss(cut(input_ids=ids, use_cache=False).logits, ids)[0].sum().backward()
+        sync()
+        step["cut floor (backward stopped where the capture's is)"] = time.perf_counter() - t
         for name, cap in caps.items():
             with cap:
                 sync()
@@ -317,46 +347,53 @@ def print_machinery(rows: list[tuple[str, float]], title: str) -> None:
 
 
 def paired(model, batches, spec: str, repeats: int) -> dict:
-    """``{"ratios": [floor / capture per pair], "faults": {"floor": [...], "capture": [...]}}``,
-    the minor page faults of each half of each pair. The floor and the whole capture run back
-    to back on the same batch, in alternating order, so that the machine's drift (seconds long
-    on a shared host) hits both halves of a pair alike. The median of these ratios is steadier
-    than a ratio of medians taken over separate passes. The floor runs on a copy of the model
-    (the same weights), so the capture stays entered as in the cache job (entering it for every
-    pair made its next step measurably slower)."""
-    floor_model = floor_copy(model)
+    """``{"ratios": {"floor": [floor / capture per triple], "cut floor": [...]}, "faults":
+    {"floor": [...], "cut floor": [...], "capture": [...]}}``, with the minor page faults of each
+    run. The floor (backward down to the input embedding), the cut floor (backward stopped where
+    the capture's stops: ``floor_copy(cut_at=...)``) and the whole capture run back to back on
+    the same batch, in rotating order, so that the machine's drift (seconds long on a shared
+    host) hits all three alike. The median of these ratios is steadier than a ratio of medians
+    taken over separate passes. The floors run on copies of the model (the same weights), so
+    the capture stays entered as in the cache job (entering it for every triple made its next
+    step measurably slower)."""
     cap = GradientCapture(model, spec, seed=0)
-    ratios, faults = [], {"floor": [], "capture": []}
+    runs = {"floor": floor_copy(model), "cut floor": floor_copy(model, list(cap.layers))}
+    order = ["floor", "cut floor", "capture"]
+    ratios, faults = {"floor": [], "cut floor": []}, {k: [] for k in order}
     with cap:
         for r in range(repeats + 1):  # the first pass warms up
             for i, ids in enumerate(batches):
                 secs = {}
-                for which in (("floor", "capture") if (r + i) % 2 else ("capture", "floor")):
+                turn = (r + i) % 3
+                for which in order[turn:] + order[:turn]:
                     sync()
                     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                     t = time.perf_counter()
-                    if which == "floor":
-                        logits = floor_model(input_ids=ids, use_cache=False).logits
+                    if which == "capture":
+                        cap(ids)
+                    else:
+                        logits = runs[which](input_ids=ids, use_cache=False).logits
                         per_example_loss(logits, ids)[0].sum().backward()
                         del logits
-                    else:
-                        cap(ids)
                     sync()
                     secs[which] = time.perf_counter() - t
                     if r:
                         faults[which].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                                              - f0)
                 if r:
-                    ratios.append(secs["floor"] / secs["capture"])
-    del floor_model
+                    for k in ratios:
+                        ratios[k].append(secs[k] / secs["capture"])
+    del runs
     return {"ratios": ratios, "faults": faults}
 
 
 def print_paired(got: dict, title: str) -> None:
-    q1, q2, q3 = statistics.quantiles(got["ratios"], n=4)
     fl = {k: statistics.median(v) for k, v in got["faults"].items()}
     print(f"\n{title}\n")
-    print("| pairs | median floor / capture | quartiles | page faults per step: floor, capture |")
-    print("|---:|---:|---|---:|")
-    print(f"| {len(got['ratios'])} | {q2:.3f} | {q1:.3f} – {q3:.3f} | "
-          f"{fl['floor']:,.0f}, {fl['capture']:,.0f} |")
+    print("| against | triples | median floor / capture | quartiles |")
+    print("|---|---:|---:|---|")
+    for k, what in (("floor", "the floor (backward down to the input embedding)"),
+                    ("cut floor", "the cut floor (backward stopped where the capture's is)")):
+        q1, q2, q3 = statistics.quantiles(got["ratios"][k], n=4)
+        print(f"| {what} | {len(got['ratios'][k])} | {q2:.3f} | {q1:.3f} – {q3:.3f} |")
+    print("\npage faults per step: " + ", ".join(f"{k} {v:,.0f}" for k, v in fl.items()))

@@ -350,8 +350,9 @@ def main() -> None:
                     help="storage dtype for the bytes-per-token column")
     ap.add_argument("--profile", action="store_true",
                     help="print where one FactGraSS step's time goes, what the hooks cost "
-                         "before doing any work, and the capture's ratio to the floor from "
-                         "back-to-back pairs (tools/capture_profile.py) instead of the tables")
+                         "before doing any work, and the capture's ratios to the floor and to "
+                         "the cut floor (backward stopped where the capture's is) from "
+                         "back-to-back runs (tools/capture_profile.py) instead of the tables")
     ap.add_argument("--job", action="store_true",
                     help="print the cache job's step loop (capture, rows, chunk writes in the "
                          "background writer) against the floor, pass by pass "

@@ -1,7 +1,9 @@
 """``torchrun ... -m tests.load_rss CONFIG_JSON MODE OUT_JSON``: load a model the way
 ``grass-llm cache`` does under ``MODE`` (fsdp or deepspeed) and record, per rank, the host memory
-the load added at its peak and the model's size (for tests/test_scale.py)."""
+the load added at its peak and the model's size, then, in ``OUT_JSON.threads<rank>``, the gloo
+threads still alive after ``shutdown()`` (for tests/test_scale.py)."""
 
+import glob
 import json
 import resource
 import sys
@@ -45,7 +47,22 @@ def main(config_json: str, mode: str, out: str) -> None:
         with open(out, "w") as f:
             json.dump({"model_bytes": n_bytes, "ranks": rows}, f)
     comm.barrier()
+    del setup  # as when a command returns
     shutdown()  # as the CLI does: a group left to the interpreter's exit can abort it (exit -6)
+    with open(f"{out}.threads{info.rank}", "w") as f:  # what the interpreter's exit would meet
+        json.dump(_gloo_threads(), f)
+
+
+def _gloo_threads() -> list[str]:
+    """The names of this process's gloo threads (its transport loops and worker threads)."""
+    names = []
+    for comm_file in glob.glob("/proc/self/task/*/comm"):
+        try:
+            with open(comm_file) as f:
+                names.append(f.read().strip())
+        except FileNotFoundError:  # the thread ended meanwhile
+            pass
+    return sorted(n for n in names if "gloo" in n)
 
 
 if __name__ == "__main__":

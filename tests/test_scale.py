@@ -91,10 +91,14 @@ def test_a_rank0_failure_reaches_every_rank_with_its_message(tmp_path):
     assert "rank 0 failed while creating the store" in res.stdout + res.stderr
 
 
-@pytest.mark.parametrize("mode", ["fsdp", "deepspeed"])
-def test_nonzero_rank_loads_a_fraction_of_the_model(tmp_path, mode):
-    if mode == "deepspeed":
-        pytest.importorskip("deepspeed")
+_LOADS: dict = {}
+
+
+def _load_run(tmp_path_factory, mode: str) -> dict:
+    """One 2-process load of a ~103M-parameter Llama under ``mode`` (tests/load_rss.py), run
+    once per mode for the tests below: ``{"report": rss.json, "threads": {rank: [names]}}``."""
+    if mode in _LOADS:
+        return _LOADS[mode]
     from transformers import LlamaConfig
 
     # ~103M parameters (411 MB in fp32) in 32 layers: the largest tensor (the embedding,
@@ -103,9 +107,10 @@ def test_nonzero_rank_loads_a_fraction_of_the_model(tmp_path, mode):
     cfg = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408,
                       num_hidden_layers=32, num_attention_heads=8, num_key_value_heads=4,
                       tie_word_embeddings=False)
-    path = tmp_path / "config.json"
+    tmp = tmp_path_factory.mktemp(f"load-{mode}")
+    path = tmp / "config.json"
     cfg.to_json_file(path)
-    out = tmp_path / "rss.json"
+    out = tmp / "rss.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(_free_port()), "-m", "tests.load_rss", str(path), mode, str(out)]
     # On CPU the shards themselves live in host memory (on GPUs they would not). Large blocks
@@ -114,18 +119,29 @@ def test_nonzero_rank_loads_a_fraction_of_the_model(tmp_path, mode):
     env = dict(_env(), MALLOC_MMAP_THRESHOLD_="65536")
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-6000:]
-    report = json.loads(out.read_text())
+    _LOADS[mode] = {"report": json.loads(out.read_text()),
+                    "threads": {r: json.loads((tmp / f"rss.json.threads{r}").read_text())
+                                for r in (0, 1)}}
+    return _LOADS[mode]
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "deepspeed"])
+def test_nonzero_rank_loads_a_fraction_of_the_model(tmp_path_factory, mode):
+    if mode == "deepspeed":
+        pytest.importorskip("deepspeed")
+    report = _load_run(tmp_path_factory, mode)["report"]
     grew = {r["rank"]: r["grew"] / report["model_bytes"] for r in report["ranks"]}
     print(f"{mode}: peak host memory added while loading, as a fraction of the model: {grew}")
     # Rank 1 never reads the weights. Measured: FSDP2 0.58 (its half shard + one broadcast
     # tensor), ZeRO-3 0.68 (its partition + one gathered parameter + ~70 MB of DeepSpeed's
     # engine); a rank that loads the whole model before sharding is at >= 1.5.
     assert grew[1] < {"fsdp": 0.7, "deepspeed": 0.8}[mode], grew
-    # After shutdown() no gloo thread may be left for the interpreter's exit, where one
-    # destroyed while joinable aborts a finished run (exit -6). Before shutdown() cleared
-    # DTensor's sharding caches, every FSDP rank still had 6 (2 transport loops, 4 workers).
-    # ZeRO-3 still leaves its 6: DeepSpeed keeps its engine, and the engine its groups.
-    left = {r: json.loads((tmp_path / f"rss.json.threads{r}").read_text()) for r in (0, 1)}
-    print(f"{mode}: gloo threads left after shutdown(): {left}")
-    if mode == "fsdp":
-        assert left == {0: [], 1: []}, left
+
+
+def test_shutdown_after_an_fsdp_load_leaves_no_gloo_thread_for_the_exit(tmp_path_factory):
+    # A gloo thread left for the interpreter's exit, where one destroyed while joinable aborts
+    # a finished run (exit -6). Before shutdown() cleared DTensor's sharding caches, every
+    # FSDP rank still had 6 here (2 transport loops, 4 workers). ZeRO-3 still leaves its 6
+    # (DeepSpeed keeps its engine, and the engine its groups): not asserted.
+    left = _load_run(tmp_path_factory, "fsdp")["threads"]
+    assert left == {0: [], 1: []}, left

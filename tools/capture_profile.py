@@ -197,6 +197,12 @@ def floor_copy(model, cut_at=None):
     return floor_model
 
 
+def floor_step(floor_model, ids) -> None:
+    """One floor step on a ``floor_copy``: forward, per-example loss, backward."""
+    logits = floor_model(input_ids=ids, use_cache=False).logits
+    per_example_loss(logits, ids)[0].sum().backward()
+
+
 def store_layout(cap, n_rows: int, chunk_rows: int) -> StoreLayout:
     """A float16 store layout for the capture's layers."""
     layers = tuple(LayerInfo(n, c.spec, c.seed, c.k, cap.layers[n].in_features,
@@ -319,7 +325,7 @@ def machinery(model, batches, spec: str, repeats: int) -> list[tuple[str, float]
         sync()
         t = time.perf_counter()
         for ids in batches:
-            per_example_loss(cut(input_ids=ids, use_cache=False).logits, ids)[0].sum().backward()
+            floor_step(cut, ids)
         sync()
         step["cut floor (backward stopped where the capture's is)"] = time.perf_counter() - t
         for name, cap in caps.items():
@@ -372,9 +378,7 @@ def paired(model, batches, spec: str, repeats: int) -> dict:
                     if which == "capture":
                         cap(ids)
                     else:
-                        logits = runs[which](input_ids=ids, use_cache=False).logits
-                        per_example_loss(logits, ids)[0].sum().backward()
-                        del logits
+                        floor_step(runs[which], ids)
                     sync()
                     secs[which] = time.perf_counter() - t
                     if r:

@@ -26,11 +26,10 @@ import torch
 
 from grass_llm.cache_loop import _ChunkBuffer, stage_batch
 from grass_llm.capture import GradientCapture
-from grass_llm.capture.loss import per_example_loss
 from grass_llm.store import create_store
 from grass_llm.store.writer import ChunkWriter
 
-from capture_profile import floor_copy, store_layout, sync  # tools/, next to this file
+from capture_profile import floor_copy, floor_step, store_layout, sync  # tools/, next to this file
 
 
 def job(model, batches, spec: str, repeats: int, chunk_rows: int = 256) -> dict:
@@ -72,9 +71,7 @@ def job(model, batches, spec: str, repeats: int, chunk_rows: int = 256) -> dict:
 
         def floor_pass() -> None:
             for ids in order:
-                logits = floor_model(input_ids=ids, use_cache=False).logits
-                per_example_loss(logits, ids)[0].sum().backward()
-                del logits
+                floor_step(floor_model, ids)
 
         run = {"floor": floor_pass, "job": job_pass}
         for r in range(repeats + 1):  # the first pair warms up

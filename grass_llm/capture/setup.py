@@ -29,9 +29,14 @@ def grad_leaf(output: torch.Tensor) -> torch.Tensor | None:
     return None if output.requires_grad else output.detach().requires_grad_(True)
 
 
+def checkpointed_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` with gradient checkpointing on (transformers' flag)."""
+    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
 def checkpointed(model: nn.Module) -> bool:
-    """Whether any module of ``model`` has gradient checkpointing on (transformers' flag)."""
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    """Whether any module of ``model`` has gradient checkpointing on."""
+    return bool(checkpointed_modules(model))
 
 
 def deterministic_mode(model: nn.Module) -> list[tuple[nn.Module, float]]:
@@ -41,9 +46,8 @@ def deterministic_mode(model: nn.Module) -> list[tuple[nn.Module, float]]:
     Returns the modules whose float ``attention_dropout`` was zeroed, with the old values.
     """
     model.eval()
-    ckpt = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
     saved = []
-    for layer in ckpt:
+    for layer in checkpointed_modules(model):
         layer.train()
         for sub in layer.modules():
             if isinstance(sub, nn.Dropout):

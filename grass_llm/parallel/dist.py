@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from grass_llm.parallel.zero3 import release_engines
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -109,10 +111,12 @@ def shutdown() -> None:
     leaves the gloo groups and their threads alive until teardown, where a thread destroyed
     while joinable aborts the finished process (``terminate called without an active
     exception``, exit -6 under torchrun). Clearing the caches lets the groups go with their
-    last user (tests/test_scale.py counts the threads). A DeepSpeed ZeRO-3 engine outlives its
-    module (DeepSpeed keeps it), and its groups with it: that case is not fixed here."""
+    last user (tests/test_scale.py counts the threads). A DeepSpeed ZeRO-3 engine, and its
+    groups with it, would outlive its module for other reasons; ``release_engines`` drops
+    those first."""
     if not dist.is_initialized():
         return
+    release_engines()
     clear = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)  # private API
     if clear is not None:
         clear()

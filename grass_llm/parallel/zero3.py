@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 ANCHOR = "grass_llm_zero3_anchor"
+_ENGINES: list = []  # every engine apply_zero3 made, destroyed by release_engines()
 
 
 def load_ds_config(path: str | Path | None, *, dtype: torch.dtype) -> dict:
@@ -43,4 +44,48 @@ def apply_zero3(model: nn.Module, ds_config: dict) -> tuple[nn.Module, nn.Parame
         p.requires_grad_(p is anchor)
     optimizer = torch.optim.SGD([anchor], lr=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    _ENGINES.append(engine)
     return engine.module, anchor
+
+
+def release_engines() -> None:
+    """Destroy every engine ``apply_zero3`` made and drop what DeepSpeed keeps of it, so that
+    its process groups can go when ``parallel.shutdown`` destroys them (tests/test_scale.py
+    counts the gloo threads left). Collective-free; a no-op when no engine was made.
+
+    DeepSpeed keeps three references that ``engine.destroy()`` does not drop (found with
+    ``gc.get_referents`` after a ZeRO-3 load; deepspeed 0.19):
+    - its module stays on ``parameter_offload.FWD_MODULE_STACK`` (pushed at initialization,
+      never popped), which keeps the module, its hooks and through them the engine;
+    - ``utils.groups._WORLD_GROUP`` caches the world group it built;
+    - ``TorchBackend.barrier`` and ``monitored_barrier`` take ``GroupMember.WORLD`` as a
+      default argument, bound when DeepSpeed is imported: the default group itself. Both
+      treat ``None`` as that group, so the defaults become ``None``.
+    All three are private; an attribute another DeepSpeed lacks only leaves its groups alive."""
+    if not _ENGINES:
+        return
+    while _ENGINES:
+        engine = _ENGINES.pop()
+        engine.destroy()
+        try:
+            from deepspeed.runtime.zero import parameter_offload
+
+            stack = parameter_offload.FWD_MODULE_STACK
+            stack[:] = [m for m in stack if m is not engine.module]
+        except (ImportError, AttributeError):
+            pass
+        del engine
+    try:
+        from torch.distributed import ProcessGroup
+
+        from deepspeed.comm.torch import TorchBackend
+        from deepspeed.utils import groups
+    except ImportError:
+        return
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and isinstance(value, ProcessGroup):
+            setattr(groups, name, None)
+    for fn in vars(TorchBackend).values():
+        defaults = getattr(fn, "__defaults__", None)
+        if defaults and any(isinstance(d, ProcessGroup) for d in defaults):
+            fn.__defaults__ = tuple(None if isinstance(d, ProcessGroup) else d for d in defaults)

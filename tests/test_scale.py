@@ -138,14 +138,14 @@ def test_nonzero_rank_loads_a_fraction_of_the_model(tmp_path_factory, mode):
     assert grew[1] < {"fsdp": 0.7, "deepspeed": 0.8}[mode], grew
 
 
-@pytest.mark.parametrize("mode", ["fsdp", "deepspeed"])
+@pytest.mark.parametrize("mode", ["fsdp", "tp", "deepspeed"])
 def test_shutdown_after_a_sharded_load_leaves_no_gloo_thread_for_the_exit(tmp_path_factory, mode):
     # A gloo thread left for the interpreter's exit, where one destroyed while joinable aborts
     # a finished run (exit -6). Every rank had 6 here (2 groups x (1 transport loop + 2
     # workers)): under FSDP2 until shutdown() cleared DTensor's sharding caches, under ZeRO-3
     # until it released what DeepSpeed keeps of its engine (zero3.release_engines: 3 left
     # with the engine destroyed and its module off DeepSpeed's stack, 0 with the world group's
-    # cache and barrier defaults dropped too).
+    # cache and barrier defaults dropped too). Tensor parallelism shares FSDP2's DTensor cache.
     if mode == "deepspeed":
         pytest.importorskip("deepspeed")
     left = _load_run(tmp_path_factory, mode)["threads"]

@@ -309,6 +309,62 @@ def test_corrupted_and_truncated_chunks_are_found_and_repaired(tmp_path):
     _assert_same_arrays(url, _reference_store(tmp_path))
 
 
+def test_a_chunk_is_marked_done_only_after_its_files_and_their_folders_are_synced(
+        tmp_path, monkeypatch):
+    # a file's fsync does not make its new directory entry durable (POSIX): without the
+    # folders' fsyncs a crash could keep the marker and lose a synced file, read back as zeros
+    url = str(tmp_path / "sync.zarr")
+    store = create_store(url, small_layout(), META)
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), url))
+        real_fsync(fd)
+
+    import grass_llm.store.store as store_module
+
+    monkeypatch.setattr(store_module.os, "fsync", recording_fsync)
+    store.write_chunk(1, {x.name: np.ones((3, x.k), np.float32) for x in LAYERS},
+                      ["e3", "e4", "e5"], np.full(3, 3), np.ones(3))
+    marker = synced.index("chunk_done/c/1")
+    before = set(synced[:marker])
+    files = [p for p in synced[:marker] if (Path(url) / p).is_file()]
+    assert "grads/a.q_proj/c/1/0" in files and "example_id/c/1" in files, synced
+    for f in files:  # the file, its folder and the folder's parent (c/ for a new c/1/)
+        assert {os.path.dirname(f), os.path.dirname(os.path.dirname(f))} <= before, (f, synced)
+    assert {"chunk_done/c", "chunk_done"} <= set(synced[marker:]), synced
+
+
+def test_a_lost_chunk_file_of_a_done_chunk_is_found_not_read_as_zeros(tmp_path):
+    # zarr reads a missing chunk file as the fill value: before verify listed the files, a
+    # store that had lost one (an interrupted copy, a write lost in a crash) verified clean
+    # and served those rows as zeros
+    url = str(tmp_path / "lost.zarr")
+    create_store(url, LAYOUT, META)
+    assert _run_writer(url, 0, 1).returncode == 0
+    (Path(url) / "grads" / "model.layers.0.mlp.up_proj" / "c" / "1" / "0").unlink()
+    c = 4  # row chunk 4's token rows: storage rows [s, e), token chunks of 6 rows
+    s, e = LAYOUT.token_storage_range(c)
+    assert e > s
+    (Path(url) / "tokens" / "model.layers.0.q_proj" / "c" / str(s // 6) / "0").unlink()
+    (Path(url) / "loss" / "c" / "5").unlink()
+    assert not open_store(url).read_rows("model.layers.0.mlp.up_proj", 4, 8).any()
+    problems = verify_store(url)
+    assert any(p.startswith("grads/model.layers.0.mlp.up_proj: 1 chunk file(s)") and
+               "row chunks [1]" in p for p in problems), problems
+    assert any(p.startswith("tokens/model.layers.0.q_proj: 1 chunk file(s)") and
+               f"row chunks [{c}]" in p for p in problems), problems
+    assert any(p.startswith("loss: 1 chunk file(s)") for p in problems), problems
+    assert verify_store(url, quick=True) == []  # quick reads markers only: it cannot tell
+    res = CliRunner().invoke(app, ["verify", url, "--repair"], terminal_width=200)
+    assert res.exit_code == 1 and "repaired: row chunks [1, 4, 5]" in res.output, res.output
+    assert open_store(url).pending_chunks() == [1, 4, 5]
+    assert _run_writer(url, 0, 1).returncode == 0
+    assert verify_store(url) == []
+    _assert_same_arrays(url, _reference_store(tmp_path))
+
+
 def test_info_prints_the_run_and_layers(tmp_path):
     url = str(tmp_path / "s.zarr")
     fill(create_store(url, small_layout(), META))

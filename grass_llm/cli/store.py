@@ -53,11 +53,13 @@ def verify(
     store: str = typer.Argument(..., help="Path or fsspec URL of a gradient store."),
     quick: bool = typer.Option(False, help="Check metadata and completion markers only; do not "
                                            "decode every chunk."),
-    repair: bool = typer.Option(False, help="Mark row chunks with unreadable data as not done, "
-                                            "so that rerunning the cache command redoes them."),
+    repair: bool = typer.Option(False, help="Mark row chunks with missing or unreadable data as "
+                                            "not done, so that rerunning the cache command "
+                                            "redoes them."),
 ) -> None:
-    """Check a gradient store: every chunk complete and readable (CRC32C), shapes and dtypes as
-    recorded, no NaN/Inf, example ids unique. Exit code 1 if anything is wrong."""
+    """Check a gradient store: every chunk complete, its files present and readable (CRC32C),
+    shapes and dtypes as recorded, no NaN/Inf, example ids unique. Exit code 1 if anything is
+    wrong."""
     from rich.progress import Progress
 
     from grass_llm.store import verify_store

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from zarr.core.sync import sync as zarr_sync
+
 from grass_llm.store.store import _ZARR_DTYPE, GradientStore, StoreError
 
 FISHER_GROUP = "fisher"
@@ -89,13 +91,14 @@ def verify_store(url: str, *, quick: bool = False, repair: bool = False,
     """Check a store; returns a list of problems (empty = the store is complete and intact).
 
     Checks: format and attrs; every array's shape and dtype against the recorded layout; every
-    row chunk marked done; unless ``quick``, every chunk of every array decodes (CRC32C checksums
-    catch truncated or corrupted files) and holds only finite values; example ids unique and
-    complete; rows flagged non-finite at write time; the Fisher fit, if any (see
-    ``fisher_problems``).
+    row chunk marked done; unless ``quick``, every chunk file of a done row chunk exists (zarr
+    reads a missing one as zeros, see ``_missing_chunk_files``), every chunk of every array
+    decodes (CRC32C checksums catch truncated or corrupted files) and holds only finite values;
+    example ids unique and complete; rows flagged non-finite at write time; the Fisher fit, if
+    any (see ``fisher_problems``).
 
-    With ``repair``, the row chunks whose data is unreadable are marked not done, so that
-    rerunning the same cache command recomputes exactly those.
+    With ``repair``, the row chunks whose data is missing or unreadable are marked not done, so
+    that rerunning the same cache command recomputes exactly those.
     """
     try:
         store = GradientStore(url, mode="r")
@@ -128,7 +131,8 @@ def verify_store(url: str, *, quick: bool = False, repair: bool = False,
     names = [f"grads/{x.name}" for x in lay.layers]
     if lay.token_mode is not None:
         names += [f"tokens/{x.name}" for x in lay.layers]
-    broken: set[int] = set()
+    problems_missing, broken = _missing_chunk_files(store, done)
+    problems += problems_missing
     for i, name in enumerate(names):
         if progress is not None:
             progress(name, i, len(names))
@@ -144,8 +148,9 @@ def verify_store(url: str, *, quick: bool = False, repair: bool = False,
             problems.append(f"repaired: row chunks {listed[:16]} marked not done; rerun the "
                             "same cache command to recompute them")
         else:
-            problems.append(f"row chunks {listed[:16]} hold unreadable data; run `grass-llm "
-                            "verify --repair` and rerun the same cache command to recompute them")
+            problems.append(f"row chunks {listed[:16]} have missing or unreadable data; run "
+                            "`grass-llm verify --repair` and rerun the same cache command to "
+                            "recompute them")
     try:
         ids = g["example_id"][:]
     except Exception as err:  # a corrupted chunk surfaces as a codec error
@@ -169,6 +174,52 @@ def verify_store(url: str, *, quick: bool = False, repair: bool = False,
         if off[0] != 0 or (np.diff(off) < 0).any():
             problems.append("token_offsets are not non-decreasing from 0")
     return problems
+
+
+def _missing_chunk_files(store: GradientStore, done: np.ndarray) -> tuple[list[str], set[int]]:
+    """Done row chunks with a chunk file missing: problems, and those row chunks.
+
+    zarr reads a chunk whose file is absent as its fill value, so a lost file (an interrupted
+    copy of the store, a write lost in a crash) would read back as rows of zeros and pass every
+    decode check. Every array a row chunk writes has all its chunk files written
+    (``write_empty_chunks``), so each must exist. Not ``row_flags``: stores written before that
+    policy have no file for an all-zero flags chunk, its normal content. One listing per array
+    (a paged LIST on an object store), not one request per chunk."""
+    lay = store.layout
+    per_row = [f"grads/{x.name}" for x in lay.layers] + ["example_id", "n_targets", "loss"]
+    per_token = []
+    if lay.token_mode is not None:
+        per_token = [f"tokens/{x.name}" for x in lay.layers] + ["token_position"]
+    done_ids = np.nonzero(done)[0]
+    token_owner: dict[int, int] = {}  # token chunk -> the row chunk whose rows it holds
+    if per_token:
+        TR = lay.token_chunk_rows
+        for c in done_ids:
+            s, e = lay.token_storage_range(int(c))
+            token_owner.update({t: int(c) for t in range(s // TR, -(-e // TR))})
+    out, broken = [], set()
+    for names, owner in ((per_row, {int(c): int(c) for c in done_ids}), (per_token, token_owner)):
+        for name in names:
+            arr = store.group[name]
+            present = _chunk_keys(arr)
+            lost = [i for i in owner
+                    if arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1)) not in present]
+            if lost:
+                rows = sorted({owner[i] for i in lost})
+                out.append(f"{name}: {len(lost)} chunk file(s) of done row chunks are missing "
+                           f"(row chunks {rows[:8]}); zarr would read them as zeros")
+                broken |= set(rows)
+    return out, broken
+
+
+def _chunk_keys(arr) -> set[str]:
+    """The chunk keys (``c/...``, relative to the array) present in ``arr``'s store."""
+    prefix = f"{arr.path}/c/" if arr.path else "c/"
+
+    async def listed():
+        return [key async for key in arr.store.list_prefix(prefix)]
+
+    return {key[len(arr.path) + 1:] if arr.path else key for key in zarr_sync(listed())}
 
 
 def _check_array(store: GradientStore, name: str) -> tuple[list[str], set[int]]:

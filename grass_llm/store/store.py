@@ -381,22 +381,35 @@ class GradientStore:
         TR = self.layout.token_chunk_rows
         for name, rows in enc.items():
             rows[bad[ex_of_row]] = 0
-            self.group[f"tokens/{name}"][s:e] = rows
+            self.array(f"tokens/{name}")[s:e] = rows
             paths += [f"tokens/{name}/c/{t}/0" for t in range(s // TR, -(-e // TR))]
-        self.group["token_position"][s:e] = pos
+        self.array("token_position")[s:e] = pos
         paths += [f"token_position/c/{t}" for t in range(s // TR, -(-e // TR))]
         return paths
 
     def _fsync(self, keys: list[str]) -> None:
-        """Make written chunk files durable on local disks (object stores are durable on PUT)."""
+        """Make written chunk files durable on local disks (object stores are durable on PUT):
+        each file, then the directories holding its entry and its folder's (a chunk's folder
+        ``c/<chunk>`` is new with the chunk, and zarr writes each file by a rename), so that a
+        crash after the ``chunk_done`` marker cannot lose a file whose contents were synced.
+        POSIX makes a new directory entry durable only through its directory."""
         if self._local_root is None:
             return
+        folders: dict[str, None] = {}
         for key in keys:
             path = self._local_root / key
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
                 continue  # an all-fill-value chunk zarr chose not to write
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            parent = os.path.dirname(key)
+            folders.update({parent: None, os.path.dirname(parent): None})
+        for folder in folders:
+            fd = os.open(self._local_root / folder, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(fd)
             finally:

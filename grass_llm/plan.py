@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from grass_llm.capture.layers import select_layers
+from grass_llm.capture.loss import loss_peak_bytes
 from grass_llm.compress import FactorizedCompressor, build_compressor, parse_spec
 from grass_llm.compress.dense import Gaussian, Rademacher
 from grass_llm.compress.registry import compressor_class
@@ -340,7 +341,7 @@ def _memory(cfg: PlanConfig, config, counts: dict, lays: list[LayerPlan], tp: in
         acts = L * tokens * config.hidden_size * b + layer
     else:
         acts = L * layer
-    logits = tokens * config.vocab_size * max(b + 8, 12)
+    logits = loss_peak_bytes(tokens, config.vocab_size, b)
     numbers = sum(x.k for x in lays)
     # a row-parallel layer's rank sees 1/tp of x, so keeps ~1/tp of the k_in masked columns
     feats = tokens * 4 * sum(x.feat_in / tp if x.name.endswith(ROWWISE) else x.feat_in

@@ -83,7 +83,8 @@ def render(plan: Plan) -> list:
                            if per_layer is not None else "decoder layers NOT measured")
                           + (" + the layer inputs kept by checkpointing"
                              if c["gradient_checkpointing"] else ""),
-           "logits_and_loss": "estimated: logits + float32 log-softmax and its gradient",
+           "logits_and_loss": "modelled: the logits and their gradient (the loss runs in "
+                              "blocks of rows)",
            "hook_features": "exact: k_in (or d_in) float32 numbers per token per layer",
            "compressed_results": "exact: float32 rows of one step",
            "materialized_gradient": "exact: one layer's per-example G (vector compressors)"}

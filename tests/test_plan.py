@@ -53,6 +53,9 @@ def test_tiny_llama_figures_match_a_hand_computation():
     assert mem["hook_features"] == 256 * n_layers * 6 * 4  # k_in=6 float32 per token per layer
     assert mem["compressed_results"] == (256 // 50) * n_layers * 16 * 4
     assert mem["materialized_gradient"] == 0  # factorized: G is never formed
+    # 256 x 259 logits go through torch's cross-entropy whole: a float32 copy, the saved
+    # log-softmax and its gradient beside the float32 logits
+    assert mem["logits_and_loss"] == 256 * VOCAB * 12
     # What autograd keeps per token in one Llama decoder layer with frozen weights, float32:
     # each RMSNorm its float32 input and 1/rms, the attention q, k, v, output and a log-sum-exp
     # per head, the MLP gate, up and silu(gate) (a frozen Linear keeps nothing of its input).
@@ -130,6 +133,9 @@ def test_llama3_8b_paper_setting():
     assert plan.store["numbers_per_example"] == 917_504  # configs/llama3-8b.yaml's comment
     assert plan.store["rows"] == 976_563
     assert plan.fisher["bytes"] == 224 * 4096 ** 2 * 8
+    # 16,384 x 128,256 bfloat16 logits go through the loss in blocks of 2^24: the logits and
+    # their gradient, and two float32 blocks (tests/test_loss.py measures what they add)
+    assert plan.memory["items"]["logits_and_loss"] == 2 * 2 * 16_384 * 128_256 + 8 * 2 ** 24
     assert plan.memory["fits"]
     res = runner.invoke(app, ["plan", "--model", LLAMA8B, "--tokens", "1B", "--gpus", "8"],
                         terminal_width=200)

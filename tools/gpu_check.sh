@@ -142,8 +142,9 @@ else
     "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}" -k "not emulation"
   step "NCCL: one-rank FSDP2/TP cache, Fisher reduce, query gather = CPU" 150 \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_dist.py
-  step "influence tests on CUDA (Fisher, scoring)" 120 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/test_fisher.py tests/test_scoring.py -k "cuda or float32_tile or gram_precision"
+  step "influence and loss tests on CUDA (Fisher, scoring, blocked loss)" 120 "$PY" -m pytest \
+    -q -p no:cacheprovider tests/test_fisher.py tests/test_scoring.py tests/test_loss.py \
+    -k "cuda or float32_tile or gram_precision"
   if command -v compute-sanitizer >/dev/null; then
     step "compute-sanitizer memcheck (CUDA tests)" 90 bash -c "sanitize memcheck"
     step "compute-sanitizer racecheck (CUDA tests)" 90 bash -c "sanitize racecheck"

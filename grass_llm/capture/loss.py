@@ -24,6 +24,11 @@ def target_mask(labels_BT: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+CHUNK_NUMEL = 1 << 24
+"""Logits of more values than this (64 MiB of float32) go through the loss in blocks of rows of
+at most this many (``_NextTokenNLL``)."""
+
+
 def per_example_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
                      reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token NLL per example, computed in float32 (float64 stays float64).
@@ -34,15 +39,89 @@ def per_example_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     dt = torch.float64 if logits_BTV.dtype == torch.float64 else torch.float32
-    logits = logits_BTV[:, :-1].to(dt)
     targets = labels_BT[:, 1:]
-    nll_BT = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                             ignore_index=IGNORE, reduction="none").view(targets.shape)
+    if logits_BTV.numel() > CHUNK_NUMEL:  # large logits: never all upcast or copied at once
+        nll_BT = _NextTokenNLL.apply(logits_BTV, targets, dt)
+    else:  # one block anyway: torch's fused loss, fewer operator calls per step
+        logits = logits_BTV[:, :-1].to(dt)
+        nll_BT = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                 ignore_index=IGNORE, reduction="none").view(targets.shape)
     n = (targets != IGNORE).sum(1)
     loss = nll_BT.sum(1)
     if reduction == "mean":
         loss = loss / n.clamp_min(1)
     return loss, n
+
+
+def loss_peak_bytes(tokens: int, vocab: int, logits_bytes: int) -> int:
+    """Peak device memory of ``per_example_loss`` on ``tokens`` rows of logits (forward and
+    backward, the logits themselves included), for ``grass-llm plan``. Blocked: the logits
+    and their gradient in their own dtype, and two float32 blocks of ``CHUNK_NUMEL``. Fused:
+    a float32 copy of the shifted logits, the saved float32 log-softmax and its gradient."""
+    n = tokens * vocab
+    if n > CHUNK_NUMEL:
+        return 2 * logits_bytes * n + 2 * 4 * CHUNK_NUMEL
+    return n * max(logits_bytes + 8, 12)
+
+
+def _row_blocks(B: int, T1: int, V: int):
+    """``(batch slice, position slice)`` blocks covering ``[B, T1]`` of at most ``CHUNK_NUMEL``
+    logits each: whole sequences together while they fit, else pieces of one sequence."""
+    rows = max(1, CHUNK_NUMEL // V)
+    if rows >= T1:
+        per = rows // T1
+        for b in range(0, B, per):
+            yield slice(b, min(B, b + per)), slice(0, T1)
+    else:
+        for b in range(B):
+            for t in range(0, T1, rows):
+                yield slice(b, b + 1), slice(t, min(T1, t + rows))
+
+
+class _NextTokenNLL(torch.autograd.Function):
+    """``nll[b, t] = logsumexp(logits[b, t]) - logits[b, t, targets[b, t]]`` (0 where the target
+    is ``IGNORE``), for the first ``T - 1`` positions, in ``dt``.
+
+    The same numbers as ``F.cross_entropy`` on the flattened logits, without its memory: that
+    path copies the logits (a ``[:, :-1]`` view cannot be flattened), upcasts them and saves a
+    log-softmax of the same size for backward, 3-4 logits-sized float32 tensors at its peak
+    (~4 GiB each for Llama-3's 128k vocabulary at 8 x 1024 tokens). Here the logits are
+    upcast one block of rows at a time (``CHUNK_NUMEL``), only the logits themselves and the
+    ``[B, T - 1]`` log-sum-exp are saved, and backward writes ``softmax - onehot`` block by
+    block into one gradient in the logits' dtype."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, dt):
+        B, T1 = targets.shape
+        valid = targets != IGNORE
+        index = targets.clamp_min(0).unsqueeze(-1)
+        lse = torch.empty(B, T1, dtype=dt, device=logits.device)
+        picked = torch.empty(B, T1, dtype=dt, device=logits.device)
+        for bs, ts in _row_blocks(B, T1, logits.shape[-1]):
+            x = logits[bs, ts].to(dt)
+            lse[bs, ts] = torch.logsumexp(x, -1)
+            picked[bs, ts] = x.gather(-1, index[bs, ts]).squeeze(-1)
+        ctx.save_for_backward(logits, index, valid, lse)
+        ctx.dt = dt
+        return torch.where(valid, lse - picked, torch.zeros((), dtype=dt, device=lse.device))
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        logits, index, valid, lse = ctx.saved_tensors
+        g = torch.where(valid, grad_nll.to(ctx.dt), torch.zeros((), dtype=ctx.dt,
+                                                                device=lse.device))
+        grad = torch.empty_like(logits)
+        T1 = index.shape[1]
+        grad[:, T1:] = 0  # the last position predicts nothing
+        for bs, ts in _row_blocks(*index.shape[:2], logits.shape[-1]):
+            gb = g[bs, ts].unsqueeze(-1)
+            # in the gradient's own block when it has the compute dtype, else in a temporary
+            p = grad[bs, ts] if logits.dtype == ctx.dt else None
+            p = torch.sub(logits[bs, ts].to(ctx.dt), lse[bs, ts].unsqueeze(-1), out=p)
+            p.exp_().mul_(gb).scatter_add_(-1, index[bs, ts], -gb)
+            if logits.dtype != ctx.dt:
+                grad[bs, ts] = p
+        return grad, None, None
 
 
 @dataclass

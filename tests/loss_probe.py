@@ -1,4 +1,4 @@
-"""``python -m tests.loss_probe CHUNK_NUMEL``: the peak host memory one forward + backward of
+"""``python -m tests.loss_probe BLOCK_NUMEL``: the peak host memory one forward + backward of
 ``per_example_loss`` adds over 200 MiB of float32 logits (SmolLM2's vocabulary, 4 x 256
 tokens), as a multiple of the logits' size, in a fresh process (tests/test_loss.py). Blocks
 above 64 KiB are mmapped, so that RSS counts live memory, not glibc's cache of freed blocks.
@@ -14,7 +14,7 @@ from grass_llm.capture import loss
 
 
 def main(chunk_numel: int) -> None:
-    loss.CHUNK_NUMEL = chunk_numel
+    loss.BLOCK_NUMEL = {"cpu": chunk_numel, "other": chunk_numel}
     gen = torch.Generator().manual_seed(0)
     B, T, V = 4, 256, 49152
     logits = torch.randn(B, T, V, generator=gen).requires_grad_()

@@ -24,9 +24,16 @@ def target_mask(labels_BT: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-CHUNK_NUMEL = 1 << 24
-"""Logits of more values than this (64 MiB of float32) go through the loss in blocks of rows of
-at most this many (``_NextTokenNLL``)."""
+BLOCK_NUMEL = {"cpu": 1 << 22, "other": 1 << 24}
+"""Logits of more values than this go through the loss in blocks of rows of at most this many
+(``_NextTokenNLL``), by device type. On the CPU 16 MiB of float32, below the 32 MiB from which
+``host_heap.steady_heap`` has glibc map each request afresh: a block's temporaries then reuse
+the heap, where 2^24 cost SmolLM2's step ~49,000 page faults (4 x 47 MiB). On a GPU the caching
+allocator reuses any size, and larger blocks mean fewer kernel launches."""
+
+
+def block_numel(device: torch.device) -> int:
+    return BLOCK_NUMEL["cpu" if device.type == "cpu" else "other"]
 
 
 def per_example_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
@@ -40,7 +47,7 @@ def per_example_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     dt = torch.float64 if logits_BTV.dtype == torch.float64 else torch.float32
     targets = labels_BT[:, 1:]
-    if logits_BTV.numel() > CHUNK_NUMEL:  # large logits: never all upcast or copied at once
+    if logits_BTV.numel() > block_numel(logits_BTV.device):  # never all upcast or copied
         nll_BT = _NextTokenNLL.apply(logits_BTV, targets, dt)
     else:  # one block anyway: torch's fused loss, fewer operator calls per step
         logits = logits_BTV[:, :-1].to(dt)
@@ -56,18 +63,18 @@ def per_example_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
 def loss_peak_bytes(tokens: int, vocab: int, logits_bytes: int) -> int:
     """Peak device memory of ``per_example_loss`` on ``tokens`` rows of logits (forward and
     backward, the logits themselves included), for ``grass-llm plan``. Blocked: the logits
-    and their gradient in their own dtype, and two float32 blocks of ``CHUNK_NUMEL``. Fused:
+    and their gradient in their own dtype, and two float32 blocks (a GPU's block size). Fused:
     a float32 copy of the shifted logits, the saved float32 log-softmax and its gradient."""
-    n = tokens * vocab
-    if n > CHUNK_NUMEL:
-        return 2 * logits_bytes * n + 2 * 4 * CHUNK_NUMEL
+    n, block = tokens * vocab, BLOCK_NUMEL["other"]
+    if n > block:
+        return 2 * logits_bytes * n + 2 * 4 * block
     return n * max(logits_bytes + 8, 12)
 
 
-def _row_blocks(B: int, T1: int, V: int):
-    """``(batch slice, position slice)`` blocks covering ``[B, T1]`` of at most ``CHUNK_NUMEL``
-    logits each: whole sequences together while they fit, else pieces of one sequence."""
-    rows = max(1, CHUNK_NUMEL // V)
+def _row_blocks(B: int, T1: int, V: int, numel: int):
+    """``(batch slice, position slice)`` blocks covering ``[B, T1]`` of at most ``numel`` logits
+    each: whole sequences together while they fit, else pieces of one sequence."""
+    rows = max(1, numel // V)
     if rows >= T1:
         per = rows // T1
         for b in range(0, B, per):
@@ -86,7 +93,7 @@ class _NextTokenNLL(torch.autograd.Function):
     path copies the logits (a ``[:, :-1]`` view cannot be flattened), upcasts them and saves a
     log-softmax of the same size for backward, 3-4 logits-sized float32 tensors at its peak
     (~4 GiB each for Llama-3's 128k vocabulary at 8 x 1024 tokens). Here the logits are
-    upcast one block of rows at a time (``CHUNK_NUMEL``), only the logits themselves and the
+    upcast one block of rows at a time (``BLOCK_NUMEL``), only the logits themselves and the
     ``[B, T - 1]`` log-sum-exp are saved, and backward writes ``softmax - onehot`` block by
     block into one gradient in the logits' dtype."""
 
@@ -97,7 +104,7 @@ class _NextTokenNLL(torch.autograd.Function):
         index = targets.clamp_min(0).unsqueeze(-1)
         lse = torch.empty(B, T1, dtype=dt, device=logits.device)
         picked = torch.empty(B, T1, dtype=dt, device=logits.device)
-        for bs, ts in _row_blocks(B, T1, logits.shape[-1]):
+        for bs, ts in _row_blocks(B, T1, logits.shape[-1], block_numel(logits.device)):
             x = logits[bs, ts].to(dt)
             lse[bs, ts] = torch.logsumexp(x, -1)
             picked[bs, ts] = x.gather(-1, index[bs, ts]).squeeze(-1)
@@ -113,7 +120,8 @@ class _NextTokenNLL(torch.autograd.Function):
         grad = torch.empty_like(logits)
         T1 = index.shape[1]
         grad[:, T1:] = 0  # the last position predicts nothing
-        for bs, ts in _row_blocks(*index.shape[:2], logits.shape[-1]):
+        for bs, ts in _row_blocks(*index.shape[:2], logits.shape[-1],
+                                  block_numel(logits.device)):
             gb = g[bs, ts].unsqueeze(-1)
             # in the gradient's own block when it has the compute dtype, else in a temporary
             p = grad[bs, ts] if logits.dtype == ctx.dt else None

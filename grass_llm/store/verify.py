@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-
 from zarr.core.sync import sync as zarr_sync
 
 from grass_llm.store.store import _ZARR_DTYPE, GradientStore, StoreError
@@ -213,13 +212,14 @@ def _missing_chunk_files(store: GradientStore, done: np.ndarray) -> tuple[list[s
 
 
 def _chunk_keys(arr) -> set[str]:
-    """The chunk keys (``c/...``, relative to the array) present in ``arr``'s store."""
-    prefix = f"{arr.path}/c/" if arr.path else "c/"
+    """The keys present under ``arr`` in its store, relative to the array (chunk keys as
+    ``arr.metadata.encode_chunk_key`` spells them, and its metadata)."""
+    prefix = f"{arr.path}/" if arr.path else ""
 
     async def listed():
         return [key async for key in arr.store.list_prefix(prefix)]
 
-    return {key[len(arr.path) + 1:] if arr.path else key for key in zarr_sync(listed())}
+    return {key[len(prefix):] for key in zarr_sync(listed())}
 
 
 def _check_array(store: GradientStore, name: str) -> tuple[list[str], set[int]]:

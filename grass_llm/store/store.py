@@ -29,6 +29,7 @@ from grass_llm.store.layout import (
     NONFINITE_POLICIES,
     StoreLayout,
 )
+from grass_llm.store.rows import decode_rows, encode_rows, to_numpy
 from grass_llm.store.runid import (
     IDENTITY_VERSION,
     canonical,
@@ -39,7 +40,6 @@ from grass_llm.store.runid import (
 )
 
 _ZARR_DTYPE = {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}
-_TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class StoreError(Exception):
@@ -204,21 +204,21 @@ class GradientStore:
 
     def read_rows(self, layer: str, start: int, stop: int) -> np.ndarray:
         """Gradient rows ``[stop - start, k]`` of one layer as float32."""
-        return self._decode(self.array(f"grads/{layer}")[start:stop])
+        return decode_rows(self.layout.dtype, self.array(f"grads/{layer}")[start:stop])
 
     def read_example_tokens(self, layer: str, i: int) -> np.ndarray:
         """Example i's per-token rows ``[n_tokens_i, k]`` of one layer as float32."""
         if self.layout.token_mode is None:
             raise StoreError(f"{self.url} has no per-token rows (written without token mode)")
         s, e = self.layout.example_token_rows(i)
-        return self._decode(self.group[f"tokens/{layer}"][s:e])
+        return decode_rows(self.layout.dtype, self.group[f"tokens/{layer}"][s:e])
 
     def read_chunk_tokens(self, layer: str, c: int) -> np.ndarray:
         """All token rows of row chunk c (its examples in order) ``[n, k]`` as float32."""
         if self.layout.token_mode is None:
             raise StoreError(f"{self.url} has no per-token rows (written without token mode)")
         s, e = self.layout.token_storage_range(c)
-        return self._decode(self.group[f"tokens/{layer}"][s:e])
+        return decode_rows(self.layout.dtype, self.group[f"tokens/{layer}"][s:e])
 
     def array(self, name: str) -> zarr.Array:
         """An array of the store, opened once (opening reads its metadata from storage)."""
@@ -243,12 +243,6 @@ class GradientStore:
 
     def example_ids(self) -> np.ndarray:
         return self.group["example_id"][:]
-
-    def _decode(self, raw: np.ndarray) -> np.ndarray:
-        if self.layout.dtype == "bfloat16":
-            t = torch.from_numpy(raw.astype(np.uint16).view(np.int16)).view(torch.bfloat16)
-            return t.float().numpy()
-        return raw.astype(np.float32)
 
     # --------------------------------------------------------------------------- writing
     def write_chunk(self, c: int, grads: Mapping[str, np.ndarray | torch.Tensor],
@@ -279,7 +273,8 @@ class GradientStore:
         for lay in self.layout.layers:
             if lay.name not in grads:
                 raise ValueError(f"chunk {c}: no gradients for layer {lay.name}")
-            rows, row_bad = self._encode(grads[lay.name], (R, lay.k), f"layer {lay.name}")
+            rows, row_bad = encode_rows(self.layout.dtype, grads[lay.name], (R, lay.k),
+                                        f"layer {lay.name}")
             encoded[lay.name] = rows
             bad |= row_bad
         tok_encoded = self._encode_tokens(c, token_grads, token_positions, bad)
@@ -295,7 +290,7 @@ class GradientStore:
             paths += self._write_tokens(c, *tok_encoded)
         meta = {"example_id": ids.astype(str),
                 "n_targets": np.asarray(n_targets, dtype=np.int32).reshape(R),
-                "loss": np.asarray(_np(loss), dtype=np.float32).reshape(R),
+                "loss": np.asarray(to_numpy(loss), dtype=np.float32).reshape(R),
                 "row_flags": bad.astype(np.uint8)}
         self._write_all([(f"grads/{name}", rows) for name, rows in encoded.items()]
                         + list(meta.items()), slice(a, b))
@@ -316,39 +311,6 @@ class GradientStore:
 
         zarr_sync(put_all())
 
-    def _encode(self, data, shape, what) -> tuple[np.ndarray, np.ndarray]:
-        if isinstance(data, torch.Tensor) and data.dtype == _TORCH_DTYPE[self.layout.dtype]:
-            return self._encode_stored_dtype(data, shape, what)
-        x = _np(data).astype(np.float32, copy=False)
-        if x.shape != shape:
-            raise ValueError(f"{what}: expected shape {list(shape)}, got {list(x.shape)}")
-        bad = ~np.isfinite(x).all(axis=1)
-        if self.layout.dtype == "float32":
-            return x.copy(), bad
-        if self.layout.dtype == "float16":
-            with np.errstate(over="ignore"):
-                y = x.astype(np.float16)
-            return y, bad | ~np.isfinite(y).all(axis=1)  # overflow past 65504 counts too
-        y = torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16)
-        return y.view(torch.int16).numpy().view(np.uint16), bad
-
-    def _encode_stored_dtype(self, t: torch.Tensor, shape, what) -> tuple[np.ndarray, np.ndarray]:
-        """Rows already in the store's dtype (the cache job stages them so): one contiguous
-        host copy and a finiteness check, no round trip through float32.
-
-        Both are numpy, not torch: the cache job calls this from its writer thread, and a
-        torch op there gives that thread an OpenMP team of its own, which for as long as the
-        thread lives slows every parallel op of the step loop (measured in
-        ``tools/bench_capture.py --job``: the loop ran at 0.76 of the floor with torch here)."""
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{what}: expected shape {list(shape)}, got {list(t.shape)}")
-        t = t.detach().cpu()
-        bits = t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # numpy has no bf16
-        rows = np.array(bits.numpy(), order="C")  # a copy: bad rows may be zeroed in place
-        if self.layout.dtype == "bfloat16":
-            rows = rows.view(np.uint16)
-        return rows, _nonfinite_rows(rows, self.layout.dtype)
-
     def _encode_tokens(self, c, token_grads, token_positions, bad):
         if self.layout.token_mode is None:
             if token_grads is not None:
@@ -359,13 +321,13 @@ class GradientStore:
         a, b = self.layout.chunk_range(c)
         off = self.layout.token_offsets()
         n_rows = int(off[b] - off[a])
-        pos = np.asarray(_np(token_positions), dtype=np.int32).reshape(-1)
+        pos = np.asarray(to_numpy(token_positions), dtype=np.int32).reshape(-1)
         if pos.shape != (n_rows,):
             raise ValueError(f"chunk {c}: expected {n_rows} token positions, got {pos.shape[0]}")
         enc = {}
         for lay in self.layout.layers:
-            rows, row_bad = self._encode(token_grads[lay.name], (n_rows, lay.k),
-                                         f"tokens of layer {lay.name}")
+            rows, row_bad = encode_rows(self.layout.dtype, token_grads[lay.name],
+                                        (n_rows, lay.k), f"tokens of layer {lay.name}")
             if row_bad.any():  # a bad token row flags its example
                 ex = np.searchsorted(off[a:b + 1], np.nonzero(row_bad)[0] + off[a], "right") - 1
                 bad[ex] = True
@@ -414,21 +376,6 @@ class GradientStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-
-
-def _nonfinite_rows(rows: np.ndarray, dtype: str) -> np.ndarray:
-    """``[R]`` bool: rows of a store-dtype array holding a NaN or an infinity (for the 16-bit
-    types, every exponent bit set; ``rows`` of bfloat16 are its uint16 bits)."""
-    if dtype == "float32":
-        return ~np.isfinite(rows).all(axis=1)
-    exponent = np.uint16(0x7C00 if dtype == "float16" else 0x7F80)
-    return ((rows.view(np.uint16) & exponent) == exponent).any(axis=1)
-
-
-def _np(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().to("cpu", torch.float32 if x.is_floating_point() else x.dtype).numpy()
-    return np.asarray(x)
 
 
 def _local_root(group: zarr.Group) -> Path | None:

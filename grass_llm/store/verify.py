@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 from zarr.core.sync import sync as zarr_sync
 
+from grass_llm.store.rows import nonfinite_rows
 from grass_llm.store.store import _ZARR_DTYPE, GradientStore, StoreError
 
 FISHER_GROUP = "fisher"
@@ -236,10 +237,7 @@ def _check_array(store: GradientStore, name: str) -> tuple[list[str], set[int]]:
                        f"{err})")
             broken.add(_row_chunk(lay, name, start))
             continue
-        if block.dtype == np.uint16:  # bfloat16 bit patterns: exponent all ones = NaN/Inf
-            bad = ((block & 0x7F80) == 0x7F80).any(axis=1)
-        else:
-            bad = ~np.isfinite(block).all(axis=1)
+        bad = nonfinite_rows(block, lay.dtype)
         if bad.any():
             out.append(f"{name}: {int(bad.sum())} row(s) with NaN/Inf from row {start} "
                        f"(first row {start + int(np.argmax(bad))})")

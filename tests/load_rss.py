@@ -24,6 +24,11 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def main(config_json: str, mode: str, out: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -36,11 +41,15 @@ def main(config_json: str, mode: str, out: str) -> None:
     n_bytes = sum(p.numel() * p.element_size() for p in meta.parameters())
     if mode == "deepspeed":
         import deepspeed  # noqa: F401
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the high-water mark VmHWM := the RSS now
     before = _rss_now()
     model, _, _ = load_on_ranks(info, mode, model=cfg.model, dtype=cfg.dtype)
     setup = shard_model(model, info, mode, dtype=cfg.dtype)
     del model
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    # VmHWM, this address space's own peak: ru_maxrss would carry the launcher's peak through
+    # exec, and hide any growth smaller than it
+    peak = _status_kib("VmHWM") * 1024
     rows = comm.all_gather_object({"rank": info.rank, "grew": peak - before})
     assert setup.module is not None
     if comm.rank() == 0:

@@ -5,7 +5,6 @@ threads still alive after ``shutdown()`` (for tests/test_scale.py)."""
 
 import glob
 import json
-import resource
 import sys
 
 from tests import strict_dist
@@ -17,16 +16,7 @@ import torch  # noqa: E402
 from grass_llm.config import RunConfig  # noqa: E402
 from grass_llm.parallel import comm, init_distributed, shutdown  # noqa: E402
 from grass_llm.sharding import load_on_ranks, shard_model  # noqa: E402
-
-
-def _rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+from tests.peak_memory import reset_peak, status_bytes  # noqa: E402
 
 
 def main(config_json: str, mode: str, out: str) -> None:
@@ -41,15 +31,11 @@ def main(config_json: str, mode: str, out: str) -> None:
     n_bytes = sum(p.numel() * p.element_size() for p in meta.parameters())
     if mode == "deepspeed":
         import deepspeed  # noqa: F401
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the high-water mark VmHWM := the RSS now
-    before = _rss_now()
+    before = reset_peak()
     model, _, _ = load_on_ranks(info, mode, model=cfg.model, dtype=cfg.dtype)
     setup = shard_model(model, info, mode, dtype=cfg.dtype)
     del model
-    # VmHWM, this address space's own peak: ru_maxrss would carry the launcher's peak through
-    # exec, and hide any growth smaller than it
-    peak = _status_kib("VmHWM") * 1024
+    peak = status_bytes("VmHWM")  # this process's own peak (tests/peak_memory.py)
     rows = comm.all_gather_object({"rank": info.rank, "grew": peak - before})
     assert setup.module is not None
     if comm.rank() == 0:

@@ -2,11 +2,7 @@
 ``per_example_loss`` adds over 200 MiB of float32 logits (SmolLM2's vocabulary, 4 x 256
 tokens), as a multiple of the logits' size, in a fresh process (tests/test_loss.py). Blocks
 above 64 KiB are mmapped, so that RSS counts live memory, not glibc's cache of freed blocks.
-Prints one JSON line.
-
-The peak is the address space's own high-water mark (``VmHWM``), reset to the current RSS
-just before the loss (``/proc/self/clear_refs``). Not ``ru_maxrss``: Linux carries the
-parent's peak into a child through ``exec``, so under a large pytest process it read 0."""
+Prints one JSON line. The peak is the process's own (tests/peak_memory.py)."""
 
 import json
 import sys
@@ -14,6 +10,7 @@ import sys
 import torch
 
 from grass_llm.capture import loss
+from tests.peak_memory import reset_peak, status_bytes
 
 
 def main(chunk_numel: int) -> None:
@@ -23,21 +20,11 @@ def main(chunk_numel: int) -> None:
     logits = torch.randn(B, T, V, generator=gen).requires_grad_()
     labels = torch.randint(0, V, (B, T), generator=gen)
     labels[:, :7] = loss.IGNORE
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    before = _status_bytes("VmRSS")
+    before = reset_peak()
     total, _ = loss.per_example_loss(logits, labels)
     total.sum().backward()
-    grew = _status_bytes("VmHWM") - before
+    grew = status_bytes("VmHWM") - before
     print(json.dumps({"grew_over_logits": grew / (logits.numel() * 4)}))
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # kB
-    raise KeyError(field)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,6 @@ def release_engines() -> None:
             stack[:] = [m for m in stack if m is not engine.module]
         except (ImportError, AttributeError):
             pass
-        del engine
     try:
         from torch.distributed import ProcessGroup
 

@@ -6,10 +6,11 @@
 
 namespace grass {
 namespace {
-// Rows per task. The gather is bound by reading x (a few random columns of every 64 bytes
-// touch most cache lines), and waking a second thread cost more than it saved up to a batch of
-// 16 x 128 rows (measured in a capture step): only large batches are split.
-constexpr int64_t kRowsPerTask = 4096;
+// The gather is bound by reading x (a few random columns of every 64 bytes touch most cache
+// lines), so what it costs scales with the values of x, N * I. Waking a second thread cost
+// more than it saved up to 16 x 128 rows of 128 values (measured in a tiny-model capture step):
+// below kParallelValues it runs on the calling thread, above it in one equal part per thread.
+constexpr int64_t kParallelValues = int64_t{1} << 19;
 }  // namespace
 
 at::Tensor gather_columns_cpu(const at::Tensor& x, const at::Tensor& idx) {
@@ -23,7 +24,9 @@ at::Tensor gather_columns_cpu(const at::Tensor& x, const at::Tensor& idx) {
     using acc_t = acc_of<scalar_t>;
     const scalar_t* x_p = x.data_ptr<scalar_t>();
     acc_t* out_p = out.data_ptr<acc_t>();
-    at::parallel_for(0, N, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    const int64_t parts = N * I < kParallelValues ? 1 : at::get_num_threads();
+    const int64_t grain = std::max<int64_t>(1, (N + parts - 1) / parts);
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
       gather_rows(x_p + begin * I, I, end - begin, cols, out_p + begin * KI, KI);
     });
   });

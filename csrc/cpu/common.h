@@ -72,18 +72,6 @@ GRASS_SCALAR_LOOP void gather_rows(const scalar_t* __restrict__ x, int64_t ldx, 
   }
 }
 
-// n columns idx[0..n) of `rows` rows (ldx apart) into a dense [rows, n] block of acc_t.
-template <typename scalar_t, typename acc_t>
-GRASS_SCALAR_LOOP void gather_dense(const scalar_t* __restrict__ x, int64_t ldx, int64_t rows,
-                                    const int64_t* __restrict__ idx, int64_t n,
-                                    acc_t* __restrict__ out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* row = x + r * ldx;
-    acc_t* o = out + r * n;
-    for (int64_t i = 0; i < n; ++i) o[i] = static_cast<acc_t>(row[idx[i]]);
-  }
-}
-
 // out[j] = scale * sum_{e in row j of the CSR} sgn[e] * v[src[e]], for j in [j0, j1).
 template <typename v_t, typename acc_t>
 inline void csr_gather(const v_t* v, const int64_t* indptr, const int64_t* src,

@@ -57,6 +57,7 @@ void per_example(const at::Tensor& x, const at::Tensor& d, const Columns& in,
   const d_t* d_p = d.data_ptr<d_t>();
   const int64_t nnz = indptr[n.K];
   const int64_t chunk_work = std::min(n.T, Tc) * (n.KP + n.KI + n.KO) + (S > 1 ? 0 : nnz);
+  const Columns out_cols(idx_out, n.KO, n.O);  // delta's kept columns (no bias column)
   std::vector<int64_t> iota(n.KO);  // the tile loop's columns of the dense delta buffer
   for (int64_t o = 0; o < n.KO; ++o) iota[o] = o;
   at::parallel_for(0, n.B * S, grain_for(chunk_work), [&](int64_t begin, int64_t end) {
@@ -74,7 +75,7 @@ void per_example(const at::Tensor& x, const at::Tensor& d, const Columns& in,
         ldx = KIp;
       }
       acc_t* mt = S > 1 ? part_p + task * n.KP : m.data();
-      gather_dense(d_p + (b * n.T + t0) * n.O, n.O, t1 - t0, idx_out, n.KO, ds.data());
+      gather_rows(d_p + (b * n.T + t0) * n.O, n.O, t1 - t0, out_cols, ds.data(), n.KO);
       outer_sum(xrows, ldx, ds.data(), n.KO, iota.data(), t1 - t0, n.KO, n.KI, mt);
       if (S == 1) csr_gather(mt, indptr, src, sgn, 0, n.K, scale, out_p + b * n.K);
     }

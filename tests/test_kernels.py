@@ -122,6 +122,28 @@ def test_host_gather_matches_reference_with_the_bias_column(ext, dtype):
         kernels.host_gather(x, torch.tensor([0, 42]))
 
 
+# With AVX-512 the float32 gather assembles each 16-column output vector from the 32-value
+# windows of the row its columns lie in (csrc/cpu/common.h), 8 rows at a time, and keeps the
+# scalar loop where the columns spread too far (a few of a very wide row) or are not sorted.
+# Row widths around the window and vector sizes, masks dense, sparse and unsorted, a bias
+# column first or last, and row counts that leave a partial block of 8.
+@pytest.mark.parametrize("I,KI", [(7, 3), (16, 16), (31, 17), (32, 32), (33, 20), (128, 32),
+                                  (130, 129), (576, 128), (1000, 5), (4096, 40)])
+@pytest.mark.parametrize("order", ["sorted", "bias first", "shuffled"])
+@pytest.mark.parametrize("rows", [1, 13, 2048])
+def test_host_gather_is_exact_for_every_mask_layout(ext, I, KI, order, rows):
+    rng = np.random.default_rng(I * 1000 + KI)
+    idx = np.sort(rng.choice(I + 1, KI, replace=False))  # may hold I: the bias column
+    if order == "bias first":
+        idx = np.concatenate([[I], idx[idx != I]])
+    elif order == "shuffled":
+        idx = rng.permutation(idx)
+    x = torch.from_numpy(rng.standard_normal((rows, I), dtype=np.float32))
+    got = kernels.host_gather(x, torch.from_numpy(idx).long())
+    want = torch.cat([x, torch.ones(rows, 1)], dim=1)[:, torch.from_numpy(idx).long()]
+    assert torch.equal(got, want)
+
+
 def _close(got, want, rtol=RTOL32):
     assert got.dtype == want.dtype and got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())

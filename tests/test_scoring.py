@@ -276,7 +276,10 @@ def test_none_is_the_plain_score_and_cosine_ranks_as_train_unit(fitted):
                                                  ("unit", "train-unit"))}, device="cpu")
     default = stream_top_k(fitted, pre, 9, device="cpu")  # no normalize argument at all
     np.testing.assert_array_equal(res["plain"].indices, default[1])
-    np.testing.assert_array_equal(res["plain"].values, default[0])  # bit for bit
+    # Same values up to float32 GEMM rounding, not bit for bit: the three requests run as one
+    # stacked query matrix (12 rows here, 4 alone), and BLAS may block a GEMM differently by its
+    # row count (measured: bit-equal on one CI machine, up to 2e-7 relative on another).
+    np.testing.assert_allclose(res["plain"].values, default[0], rtol=1e-6)
     # per query, cosine = train-unit / ||q~||: the same order, values scaled by the norm (the
     # scaled query rounds differently to float32 before the GEMMs)
     np.testing.assert_array_equal(res["cos"].indices, res["unit"].indices)
